@@ -1,0 +1,132 @@
+"""The configuration schema shared by every config file, with the paper's values.
+
+Config files (`configs/*.py`) call `base_config()` and override a few fields,
+then `apply_variant()` for the Table 2 ablations. Every default the paper leaves
+open is a field here, documented in docs/architecture.md.
+
+Run-time command-line overrides use ml_collections: `--config.optim.lr=1e-5`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Table 2 of the paper: the ablation rows and the model switches that make them.
+VARIANTS: dict[str, dict[str, object]] = {
+  # 1: encoders + neck + upsampling head.
+  "baseline": dict(use_lsran=False, num_stages=0, use_pan=False),
+  # 2: + LSRAN.
+  "lsran": dict(use_lsran=True, num_stages=0, use_pan=False),
+  # 3: + cascade with the Learnable Contextual Embedding (no LSRAN, no PAN).
+  "cascade": dict(use_lsran=False, use_pan=False),
+  # 4: LSRAN + cascade, without PAN.
+  "wo_pan": dict(use_lsran=True, use_pan=False),
+  # 5: the full model.
+  "full": dict(use_lsran=True, use_pan=True),
+  # 6: full, but every stage's embedding update sees F_m and F_mt^0 instead of
+  #    the previous stage's output (no feedback).
+  "wo_adaptive_lce": dict(use_lsran=True, use_pan=True, adaptive_lce=False),
+}
+
+# CLIP RN101 as OpenAI's build_model derives it from RN101.pt.
+CLIP_RN101 = dict(
+  embed_dim=512,
+  image_resolution=224,
+  vision_layers=(3, 4, 23, 3),
+  vision_width=64,
+  context_length=77,
+  vocab_size=49408,
+  transformer_width=512,
+  transformer_heads=8,
+  transformer_layers=12,
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The paper's setup (RefCOCO, CLIP RN101, 416x416, n=6, Q=20, C=1024)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---------------------------------------------------------------- model
+  c.model = ml_collections.ConfigDict()
+  c.model.clip = ml_collections.ConfigDict(CLIP_RN101)
+  c.model.clip_bn = "train"  # "train" (CRIS, SyncBN semantics) or "frozen".
+  c.model.dim = 1024  # C.
+  c.model.num_queries = 20  # Q.
+  c.model.num_stages = 6  # n.
+  c.model.num_heads = 8
+  c.model.window = 13  # LSRAN window attention (divides 52).
+  c.model.dilations = (1, 6, 12, 18)  # LSRAN dilated 3x3 branches.
+  c.model.use_lsran = True
+  c.model.use_pan = True
+  c.model.adaptive_lce = True
+  c.model.query_init_std = 0.02  # q^0 ~ N(0, std^2); 1.0 = torch Embedding.
+  c.model.use_words = False  # Word features as extra keys/values in Eq. 3.
+  c.model.pan_residual = "previous"  # "previous" (F_mt^i, paper) or "input".
+  c.model.head_channels = (256, 128, 64)  # 52->104->208->416.
+  c.model.deep_supervision = False  # Also return per-stage logits.
+  c.model.dtype = "float32"  # Compute dtype; params stay float32.
+  c.model.remat = False  # Rematerialise cascade stages in the backward pass.
+
+  # ---------------------------------------------------------------- input
+  c.input = ml_collections.ConfigDict()
+  c.input.data_dir = ml_collections.config_dict.placeholder(str)
+  c.input.train_split = "train"
+  c.input.val_split = "val"
+  c.input.test_splits = ("testA", "testB")
+  c.input.image_size = 416
+  c.input.max_len = 30  # L, SOT and EOT included.
+  c.input.global_batch_size = 20  # Paper: 20 = 10 per A100 x 2.
+  c.input.eval_batch_size = 20
+  c.input.max_eval_size = 640  # Canvas for original-size GT masks (COCO<=640).
+  c.input.num_workers = 2
+  c.input.augment = False
+  c.input.vocab = ml_collections.config_dict.placeholder(str)  # None: package.
+
+  # ----------------------------------------------------------------- loss
+  c.loss = ml_collections.ConfigDict()
+  c.loss.class_weights = ml_collections.config_dict.placeholder(tuple)
+  c.loss.stage_weight = 0.0  # Weight of per-stage losses (deep supervision).
+
+  # ------------------------------------------------------------ optimiser
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 6e-6
+  c.optim.weight_decay = 0.01  # Kernels only.
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.poly_power = 0.9
+  c.optim.end_lr = 0.0
+  c.optim.warmup_steps = 0
+  # ((regex, multiplier), ...); multiplier 0 freezes. CRIS: (("clip/.*", 0.1),)
+  c.optim.lr_mults = ()
+  c.optim.grad_clip_norm = ml_collections.config_dict.placeholder(float)
+  c.optim.grad_accum_steps = 1
+
+  # ------------------------------------------------------------- schedule
+  c.num_epochs = 60
+  c.total_steps = ml_collections.config_dict.placeholder(int)  # Overrides.
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 2
+
+  # ------------------------------------------------------------- sharding
+  # Mesh axis sizes; -1 takes the remaining devices. The "model" axis shards
+  # large decoder parameters and their optimiser state (FSDP-style).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
+  c.shard_min_size = 2**20  # Parameters smaller than this stay replicated.
+
+  # ------------------------------------------------------- initialisation
+  c.init = ml_collections.ConfigDict()
+  c.init.clip_dir = ml_collections.config_dict.placeholder(str)  # Converted.
+  return c
+
+
+def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
+  """Applies a Table 2 ablation (see VARIANTS) to `config.model` in place."""
+  if variant not in VARIANTS:
+    raise ValueError(
+      f"Unknown variant {variant!r}; choose one of {sorted(VARIANTS)}."
+    )
+  config.model.update(VARIANTS[variant])
