@@ -112,10 +112,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
 
   # ------------------------------------------------------------- sharding
-  # Mesh axis sizes; -1 takes the remaining devices. The "model" axis shards
-  # large decoder parameters and their optimiser state (FSDP-style).
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
-  c.shard_min_size = 2**20  # Parameters smaller than this stay replicated.
+  # Mesh axis sizes; -1 takes the remaining devices. The batch is split over
+  # both axes; the "fsdp" axis also shards every parameter (and its optimiser
+  # state) of at least `shard_min_size` elements along its largest divisible
+  # dimension, FSDP-style. fsdp=1 is plain data parallelism.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.shard_min_size = 2**18
 
   # ------------------------------------------------------- initialisation
   c.init = ml_collections.ConfigDict()

@@ -1,0 +1,201 @@
+"""Orbax checkpoints of the train state plus the data iterator's state, and the
+strict merge of pretrained (converted CLIP) weights into a freshly initialised
+model.
+
+Layout: `<workdir>/checkpoints/<step>/{state,data}`. Orbax writes each step
+into a temporary directory and renames it when complete, so a run killed at
+any moment (even during a save) restarts from the last *completed* checkpoint;
+leftover temporary directories are removed on start. The last `keep`
+checkpoints are kept, plus the best one by the validation metric.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import traverse_util
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+PyTree = Any
+
+
+class Checkpointer:
+  """Saves and restores `(state, data_state)` pairs under a workdir.
+
+  Args:
+    directory: the checkpoint directory (`<workdir>/checkpoints`).
+    keep: number of most recent checkpoints to keep.
+    best_metric: key of the `metrics` dict passed to `save` that ranks
+      checkpoints (higher is better); the best one is always kept.
+    async_save: write in a background thread (the next save, `wait()` and
+      `close()` block until it is done).
+  """
+
+  def __init__(
+    self,
+    directory: str,
+    *,
+    keep: int = 2,
+    best_metric: str | None = None,
+    async_save: bool = True,
+  ):
+    policies: list[pp.PreservationPolicy] = [pp.LatestN(n=max(keep, 1))]
+    rank = (lambda m: m.get(best_metric, -math.inf)) if best_metric else None
+    if best_metric:
+      policies.append(
+        pp.BestN(
+          get_metric_fn=rank,
+          n=1,
+          keep_checkpoints_without_metrics=False,
+        )
+      )
+    self.best_metric = best_metric
+    self._manager = ocp.CheckpointManager(
+      epath.Path(directory),
+      options=ocp.CheckpointManagerOptions(
+        preservation_policy=pp.AnyPreservationPolicy(policies),
+        # best_fn makes orbax persist each step's metrics next to it, so
+        # the best checkpoint is still known after a restart.
+        best_fn=rank,
+        best_mode="max",
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save,
+      ),
+      item_names=("state", "data"),
+    )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def best_step(self) -> int | None:
+    """Step with the highest `best_metric` among kept checkpoints."""
+    if not self.best_metric:
+      return None
+    step = self._manager.best_step()
+    metrics = self._manager.metrics(step) if step is not None else None
+    return step if metrics and self.best_metric in metrics else None
+
+  def save(
+    self,
+    step: int,
+    state: PyTree,
+    data_state: Mapping[str, Any],
+    *,
+    metrics: Mapping[str, float] | None = None,
+  ) -> None:
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(dict(data_state)),
+      ),
+      metrics=dict(metrics or {}),
+      force=True,
+    )
+
+  def restore(
+    self, step: int, abstract_state: PyTree
+  ) -> tuple[PyTree, dict[str, Any]]:
+    """Restores step `step` with the shardings/dtypes of `abstract_state`."""
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore(),
+      ),
+    )
+    return restored["state"], dict(restored["data"])
+
+  def resolve(self, which: str | int) -> int:
+    """'latest' | 'best' | a step number -> an existing step (clear errors)."""
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(
+        f"No completed checkpoint in {self._manager.directory}."
+      )
+    if which == "latest":
+      return max(steps)
+    if which == "best":
+      best = self.best_step()
+      if best is None:
+        raise FileNotFoundError(
+          "No checkpoint carries validation metrics yet; use 'latest'."
+        )
+      return best
+    step = int(which)
+    if step not in steps:
+      raise FileNotFoundError(f"No checkpoint at step {step}; have {steps}.")
+    return step
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def merge_params(
+  loaded: PyTree,
+  inited: PyTree,
+  new_patterns: Sequence[str],
+  *,
+  prefix: str = "",
+) -> PyTree:
+  """Strictly merges pretrained arrays into an initialised tree.
+
+  Every leaf of `inited` must either be loaded (same path, same shape) or
+  match one of `new_patterns` (regexes on the '/'-joined path, which keep
+  their initial values); every loaded leaf must exist in `inited`.
+
+  Args:
+    loaded: pretrained tree, e.g. converted CLIP params.
+    inited: the model's freshly initialised tree.
+    new_patterns: regexes of parameters that are new (not pretrained).
+    prefix: where `loaded` sits in `inited`, e.g. "clip/".
+
+  Raises:
+    ValueError listing missing, unexpected and mis-shaped keys.
+  """
+  flat_init = traverse_util.flatten_dict(inited, sep="/")
+  flat_loaded = {
+    prefix + k: v
+    for k, v in traverse_util.flatten_dict(loaded, sep="/").items()
+  }
+  rules = [re.compile(p) for p in new_patterns]
+  missing = [
+    k
+    for k in flat_init
+    if k not in flat_loaded and not any(r.fullmatch(k) for r in rules)
+  ]
+  unexpected = [k for k in flat_loaded if k not in flat_init]
+  mismatched = [
+    f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(flat_init[k].shape)}"
+    for k, v in flat_loaded.items()
+    if k in flat_init and tuple(v.shape) != tuple(flat_init[k].shape)
+  ]
+  if missing or unexpected or mismatched:
+    lines = ["Pretrained weights do not match the model:"]
+    for title, keys in (
+      ("missing (not loaded, not declared new)", missing),
+      ("unexpected (in checkpoint, not in model)", unexpected),
+      ("shape mismatch", mismatched),
+    ):
+      if keys:
+        lines.append(f"  {title}: {len(keys)}")
+        lines += [f"    {k}" for k in keys[:50]]
+        if len(keys) > 50:
+          lines.append(f"    ... and {len(keys) - 50} more")
+    raise ValueError("\n".join(lines))
+  merged = {
+    k: (flat_loaded[k].astype(v.dtype) if k in flat_loaded else v)
+    for k, v in flat_init.items()
+  }
+  return traverse_util.unflatten_dict(merged, sep="/")
