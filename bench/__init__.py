@@ -1,0 +1,1 @@
+"""Benchmarks of jmceln_jax (run as `python -m bench.<name>`)."""
