@@ -15,7 +15,7 @@ Every example goes through `jmceln_jax.preprocess` (the same code as
 prediction): decode, letterbox to S x S, CLIP normalisation, tokenisation to L.
 
 Batch fields (per process, leading dimension = per-process batch B):
-  image     [B, S, S, 3] float32  CLIP-normalised letterboxed image
+  image     [B, S, S, 3] uint8    letterboxed image (normalised on device)
   tokens    [B, L] int32          CLIP BPE ids, SOT ... EOT, 0-padded
   target    [B, S, S] uint8       letterboxed mask (the training target)
   box       [B, 6] int32          preprocess.Letterbox rows
@@ -68,7 +68,7 @@ class Example:
     )
     mask = records.decode_mask(record)
     out = {
-      "image": preprocess.normalize(image),
+      "image": image,
       "tokens": self._tokenizer(sentence)[0],
       "target": preprocess.letterbox_mask(mask, box, self.image_size),
       "box": box.as_array(),
