@@ -1,0 +1,160 @@
+"""Small building blocks with PyTorch numerics, shared by the model files.
+
+Everything here pins one torch convention in one place:
+- BatchNorm: torch momentum 0.1 is flax momentum 0.9; eps 1e-5.
+- LayerNorm: eps 1e-5 (flax's default is 1e-6).
+- QuickGELU: x * sigmoid(1.702 x), as in OpenAI CLIP.
+- Multi-head attention with separate q/k/v projections (torch's
+  `nn.MultiheadAttention` after splitting its fused `in_proj_weight`),
+  softmax in float32.
+- `Stack`: a sequence of blocks named "0", "1", ... like torch's
+  `nn.Sequential`, so parameter paths mirror torch state_dict keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+LN_EPSILON = 1e-5
+
+
+def batch_norm(
+  *, use_running_average: bool, dtype: Dtype | None = None, **kwargs: Any
+) -> nn.BatchNorm:
+  """A `nn.BatchNorm` with torch's defaults (momentum 0.1, eps 1e-5).
+
+  Args:
+    use_running_average: True normalises with the running statistics and never
+      updates them; False uses batch statistics and updates the running ones
+      (apply then needs `mutable=["batch_stats"]`).
+    dtype: compute dtype (parameters stay float32).
+    **kwargs: further `nn.BatchNorm` arguments (e.g. `name`).
+
+  Returns:
+    The (unbound) BatchNorm module.
+  """
+  return nn.BatchNorm(
+    use_running_average=use_running_average,
+    momentum=BN_MOMENTUM,
+    epsilon=BN_EPSILON,
+    dtype=dtype,
+    **kwargs,
+  )
+
+
+def layer_norm(*, dtype: Dtype | None = None, **kwargs: Any) -> nn.LayerNorm:
+  """A `nn.LayerNorm` with torch's eps 1e-5 (statistics in float32)."""
+  return nn.LayerNorm(epsilon=LN_EPSILON, dtype=dtype, **kwargs)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """OpenAI CLIP's GELU approximation, x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def multi_head_attention(
+  query: jax.Array,
+  key: jax.Array,
+  value: jax.Array,
+  num_heads: int,
+  mask: jax.Array | None = None,
+) -> jax.Array:
+  """Scaled dot-product attention over already projected inputs.
+
+  Args:
+    query: [B, Lq, D].
+    key: [B, Lk, D].
+    value: [B, Lk, D].
+    num_heads: number of heads; D must be divisible by it.
+    mask: optional bool, broadcastable to [B, num_heads, Lq, Lk]; True where
+      attention is allowed.
+
+  Returns:
+    [B, Lq, D] in the dtype of `value`; logits and softmax are float32.
+  """
+  batch, q_len, dim = query.shape
+  if dim % num_heads:
+    raise ValueError(f"width {dim} is not divisible by {num_heads} heads.")
+  head_dim = dim // num_heads
+
+  def split(x: jax.Array) -> jax.Array:  # [B, L, D] -> [B, heads, L, D/heads]
+    return x.reshape(x.shape[0], x.shape[1], num_heads, head_dim).swapaxes(1, 2)
+
+  q, k, v = split(query * head_dim**-0.5), split(key), split(value)
+  logits = jnp.einsum(
+    "bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32
+  )
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+  return out.swapaxes(1, 2).reshape(batch, q_len, dim)
+
+
+class MultiheadAttention(nn.Module):
+  """torch `nn.MultiheadAttention` (batch-first) with q/k/v projections.
+
+  Child names follow the torch keys once the fused `in_proj_weight` is split:
+  `q_proj`, `k_proj`, `v_proj` (D -> D, with bias) and `out_proj`.
+
+  Attributes:
+    num_heads: number of attention heads.
+    dtype: compute dtype; parameters are float32.
+  """
+
+  num_heads: int
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(
+    self,
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None = None,
+  ) -> jax.Array:
+    """Attends `query` [B, Lq, D] to `key`/`value` [B, Lk, D] -> [B, Lq, D].
+
+    `mask` is as in `multi_head_attention` (True = allowed).
+    """
+    dim = query.shape[-1]
+
+    def dense(name: str) -> nn.Dense:
+      return nn.Dense(dim, dtype=self.dtype, name=name)
+
+    out = multi_head_attention(
+      dense("q_proj")(query),
+      dense("k_proj")(key),
+      dense("v_proj")(value),
+      self.num_heads,
+      mask,
+    )
+    return dense("out_proj")(out)
+
+
+class Stack(nn.Module):
+  """Blocks applied in sequence, named "0", "1", ... (torch nn.Sequential).
+
+  Attributes:
+    block: module factory taking `name=`, e.g. functools.partial(Block, ...).
+    count: number of blocks.
+  """
+
+  block: Callable[..., nn.Module]
+  count: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    """Returns block[count-1](...block[0](x, *args, **kwargs)...)."""
+    for i in range(self.count):
+      x = self.block(name=str(i))(x, *args, **kwargs)
+    return x
