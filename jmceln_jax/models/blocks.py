@@ -1,0 +1,232 @@
+"""Layers shared by the JMCELN decoder modules.
+
+Conv-BN-activation, multi-head attention with float32 logits and arbitrary
+leading batch dimensions (windows), and the compute-dtype helper. All tensors
+are NHWC. Torch-parity norm constructors come from `jmceln_jax.models.layers`,
+resizing from `jmceln_jax.resize`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jmceln_jax.models import layers
+
+Array = jax.Array
+Dtype = Any
+
+
+def compute_dtype(dtype: Dtype | str | None) -> jnp.dtype | None:
+  """Turns a config dtype ("float32", "bfloat16", None) into a jnp dtype."""
+  return None if dtype is None else jnp.dtype(dtype)
+
+
+def batch_norm(*, train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
+  """Torch-parity BatchNorm: batch statistics iff `train`."""
+  return layers.batch_norm(
+    use_running_average=not train, dtype=dtype, name=name
+  )
+
+
+class ConvBN(nn.Module):
+  """Conv (no bias) + BatchNorm + optional activation, 'same' padding.
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel side (odd).
+    dilation: kernel dilation; the padding keeps the spatial size.
+    act: activation after the norm, or None for a linear output.
+    dtype: compute dtype.
+  """
+
+  features: int
+  kernel_size: int = 3
+  dilation: int = 1
+  act: Callable[[Array], Array] | None = nn.relu
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    """[B, H, W, Cin] -> [B, H, W, features]."""
+    pad = self.dilation * (self.kernel_size // 2)
+    x = nn.Conv(
+      self.features,
+      (self.kernel_size, self.kernel_size),
+      padding=((pad, pad), (pad, pad)),
+      kernel_dilation=self.dilation,
+      use_bias=False,
+      dtype=self.dtype,
+      name="conv",
+    )(x)
+    x = batch_norm(train=train, dtype=self.dtype, name="bn")(x)
+    return x if self.act is None else self.act(x)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head dot-product attention (Vaswani et al.) with projections.
+
+  Logits and softmax are computed in float32 whatever the compute dtype. The
+  query, value and output projections have biases, the key projection has
+  none (it would cancel in the softmax and only receive zero gradients).
+  Leading dimensions of the inputs are batch dimensions, so windows or other
+  groupings need no reshape into one batch axis.
+
+  Attributes:
+    num_heads: number of heads; the query width must be divisible by it.
+    dtype: compute dtype of the projections.
+  """
+
+  num_heads: int
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(
+    self,
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    bias: Array | None = None,
+    mask: Array | None = None,
+  ) -> Array:
+    """Attends `query` to `key`/`value`.
+
+    Args:
+      query: [..., Tq, C].
+      key: [..., Tk, Ck].
+      value: [..., Tk, Cv].
+      bias: optional additive logit bias broadcastable to [..., heads, Tq, Tk].
+      mask: optional bool, broadcastable to [..., heads, Tq, Tk]; True where
+        a key may be attended. Every query must keep at least one key.
+
+    Returns:
+      [..., Tq, C] in the compute dtype.
+    """
+    dim = query.shape[-1]
+    if dim % self.num_heads:
+      raise ValueError(
+        f"Attention width {dim} is not divisible by num_heads="
+        f"{self.num_heads}; change model.dim or model.num_heads."
+      )
+    head_dim = dim // self.num_heads
+
+    def project(x: Array, name: str, use_bias: bool = True) -> Array:
+      return nn.DenseGeneral(
+        (self.num_heads, head_dim),
+        use_bias=use_bias,
+        dtype=self.dtype,
+        name=name,
+      )(x)
+
+    q = project(query, "query")
+    # A key bias shifts every logit of a query equally: softmax ignores it.
+    k = project(key, "key", use_bias=False)
+    v = project(value, "value")
+    logits = jnp.einsum(
+      "...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32
+    ) * (1.0 / math.sqrt(head_dim))
+    if bias is not None:
+      logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("...hqk,...khd->...qhd", probs, v)
+    return nn.DenseGeneral(dim, axis=(-2, -1), dtype=self.dtype, name="out")(
+      out
+    )
+
+
+def _depthwise(x: Array, kernel: Array) -> Array:
+  """'Same'-padded depthwise conv: x [B,H,W,C], kernel [kh,kw,1,C] (odd)."""
+  kh, kw = kernel.shape[:2]
+  return jax.lax.conv_general_dilated(
+    x,
+    kernel,
+    window_strides=(1, 1),
+    padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=x.shape[-1],
+  )
+
+
+@jax.custom_vjp
+def depthwise_conv(x: Array, kernel: Array) -> Array:
+  """Depthwise convolution whose kernel gradient costs what it should.
+
+  XLA differentiates a grouped convolution's kernel through a
+  `batch_group_count` convolution that CPU (and, per jax-ml/jax#13800, GPU)
+  backends lower like a dense one: C times the FLOPs. Here the kernel
+  gradient is a feature-grouped convolution of the padded input with the
+  output gradient as filter (batch moved into the channels, float32
+  accumulation), with the FLOPs of the forward pass; the forward pass and
+  the input gradient keep the native grouped convolution.
+
+  Args:
+    x: [B, H, W, C].
+    kernel: [kh, kw, 1, C], odd sides ('same' padding).
+
+  Returns:
+    [B, H, W, C].
+  """
+  return _depthwise(x, kernel)
+
+
+def _depthwise_fwd(x: Array, kernel: Array) -> tuple[Array, tuple]:
+  return _depthwise(x, kernel), (x, kernel)
+
+
+def _depthwise_bwd(residuals: tuple, g: Array) -> tuple[Array, Array]:
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda x_: _depthwise(x_, kernel), x)
+  (dx,) = input_vjp(g)
+  kh, kw = kernel.shape[:2]
+  b, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  # dk[i, j, c] = sum_{b,h,w} xp[b, h+i, w+j, c] * g[b, h, w, c]: a 'valid'
+  # convolution with C feature groups of B channels each (xp's features
+  # ordered (c, b)) and g as the [H, W, B, C] filter.
+  lhs = xp.transpose(1, 2, 3, 0).reshape(1, h + kh - 1, w + kw - 1, c * b)
+  dk = jax.lax.conv_general_dilated(
+    lhs,
+    g.transpose(1, 2, 0, 3),
+    window_strides=(1, 1),
+    padding="VALID",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=c,
+    preferred_element_type=jnp.float32,
+  )
+  return dx, dk.reshape(kh, kw, 1, c).astype(kernel.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+class DepthwiseConv(nn.Module):
+  """'Same'-padded depthwise convolution with bias (see `depthwise_conv`).
+
+  Parameters match `nn.Conv(C, k, feature_group_count=C)`: kernel
+  [k, k, 1, C] (LeCun normal) and bias [C].
+
+  Attributes:
+    kernel_size: odd square kernel side.
+    dtype: compute dtype.
+  """
+
+  kernel_size: int = 7
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[B, H, W, C] -> [B, H, W, C]."""
+    k, c = self.kernel_size, x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    dtype = self.dtype or x.dtype
+    y = depthwise_conv(x.astype(dtype), kernel.astype(dtype))
+    return y + bias.astype(dtype)
