@@ -29,7 +29,7 @@ install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
 demo: $(VENV)/.runtime
-	$(BIN)/python -m jmceln_jax.main --workdir $(WORKDIR)
+	$(BIN)/python -m jmceln_jax.train --config configs/synthetic.py --workdir $(WORKDIR)
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q

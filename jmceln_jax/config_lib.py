@@ -82,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.num_workers = 2
   c.input.augment = False
   c.input.vocab = ml_collections.config_dict.placeholder(str)  # None: package.
+  # With no data_dir: generate this many synthetic images under the workdir
+  # (the embedded default dataset); 0 disables.
+  c.input.synthetic_images = 0
+  c.input.synthetic_seed = 0
 
   # ----------------------------------------------------------------- loss
   c.loss = ml_collections.ConfigDict()
@@ -110,6 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 2
+  # After training, also score the first test split with sentences shuffled
+  # across expressions (how much the model relies on the language).
+  c.language_check = False
 
   # ------------------------------------------------------------- sharding
   # Mesh axis sizes; -1 takes the remaining devices. The batch is split over
@@ -122,6 +129,52 @@ def base_config() -> ml_collections.ConfigDict:
   # ------------------------------------------------------- initialisation
   c.init = ml_collections.ConfigDict()
   c.init.clip_dir = ml_collections.config_dict.placeholder(str)  # Converted.
+  return c
+
+
+def small_config(
+  *, image_size: int, max_len: int, width: int, dim: int
+) -> ml_collections.ConfigDict:
+  """A scaled-down JMCELN for CPU runs (main job, tests): a small CLIP-like
+  ResNet/text transformer trained from scratch, the same decoder at width
+  `dim`. The H/8 map is image_size/8 (window and dilations scaled to it).
+  """
+  c = base_config()
+  c.model.clip = ml_collections.ConfigDict(
+    dict(
+      embed_dim=dim,
+      image_resolution=image_size,
+      vision_layers=(1, 1, 1, 1),
+      vision_width=width,
+      context_length=max_len,
+      vocab_size=49408,
+      transformer_width=dim,
+      transformer_heads=max(dim // 32, 1),
+      transformer_layers=2,
+    )
+  )
+  c.model.dim = dim
+  c.model.num_queries = 8
+  c.model.num_stages = 2
+  c.model.num_heads = 4
+  c.model.window = image_size // 16
+  c.model.dilations = (1, 2, 3, 4)
+  c.model.head_channels = (dim // 2, dim // 4, dim // 4)
+  c.input.image_size = image_size
+  c.input.max_len = max_len
+  c.input.max_eval_size = 256
+  c.optim.lr = 1e-3
+  c.optim.weight_decay = 1e-4
+  return c
+
+
+def paper_config(
+  test_splits: tuple[str, ...], variant: str | None
+) -> ml_collections.ConfigDict:
+  """The paper's setup for one dataset, with an optional Table 2 variant."""
+  c = base_config()
+  c.input.test_splits = test_splits
+  apply_variant(c, variant or "full")
   return c
 
 
