@@ -34,6 +34,8 @@ class Checkpointer:
       checkpoints (higher is better); the best one is always kept.
     async_save: write in a background thread (the next save, `wait()` and
       `close()` block until it is done).
+    read_only: for readers (evaluation, prediction) next to a running
+      training: never writes, never deletes (not even a save in progress).
   """
 
   def __init__(
@@ -43,6 +45,7 @@ class Checkpointer:
     keep: int = 2,
     best_metric: str | None = None,
     async_save: bool = True,
+    read_only: bool = False,
   ):
     policies: list[pp.PreservationPolicy] = [pp.LatestN(n=max(keep, 1))]
     rank = (lambda m: m.get(best_metric, -math.inf)) if best_metric else None
@@ -63,8 +66,9 @@ class Checkpointer:
         # the best checkpoint is still known after a restart.
         best_fn=rank,
         best_mode="max",
-        cleanup_tmp_directories=True,
+        cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save,
+        read_only=read_only,
       ),
       item_names=("state", "data"),
     )
