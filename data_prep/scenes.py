@@ -49,12 +49,12 @@ class SceneConfig:
     noise_std: (low, high) std of the pixel noise added to the image.
   """
 
-  min_side: int = 96
-  max_side: int = 160
+  min_side: int = 100
+  max_side: int = 140
   min_objects: int = 2
-  max_objects: int = 4
-  small_radius: tuple[float, float] = (0.085, 0.105)
-  big_radius: tuple[float, float] = (0.15, 0.18)
+  max_objects: int = 3
+  small_radius: tuple[float, float] = (0.13, 0.155)
+  big_radius: tuple[float, float] = (0.21, 0.24)
   distractor_prob: float = 0.7
   occlusion_prob: float = 0.2
   min_visible: float = 0.6

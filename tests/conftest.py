@@ -11,7 +11,11 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
 # grain's worker processes read absl flags; pytest never parses them.
 flags.FLAGS.mark_as_parsed()
+# XLA CPU compiles the model graphs 2-3x faster without most optimisations;
+# tests check values and shapes, not speed.
+jax.config.update("jax_disable_most_optimizations", True)

@@ -21,15 +21,6 @@ from jmceln_jax.models.pan import PAN
 B, H, W, C = 2, 8, 12, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """XLA CPU compiles these graphs far faster without most optimisations."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _normal(seed, shape):
   return jax.random.normal(jax.random.key(seed), shape)
 

@@ -27,15 +27,6 @@ TINY = dict(
 SUPERSET = dict(use_words=True, deep_supervision=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """XLA CPU compiles these graphs far faster without most optimisations."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _features(batch=B, height=H, width=W, c3=16, c4=24, c5=12, text=10):
   """Random encoder outputs shaped like CLIP.encode_image / encode_text."""
   keys = jax.random.split(jax.random.key(0), 5)

@@ -35,6 +35,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 from jmceln_jax import preprocess, text
 from jmceln_jax.data import records
@@ -145,6 +146,10 @@ def _finish(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
     grain.ReadOptions(num_threads=_PREFETCH, prefetch_buffer_size=_PREFETCH)
   )
   if num_workers > 0:
+    # grain's worker processes read absl flags (google/grain#1355); outside
+    # an absl app (scripts, notebooks) nothing has parsed them.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return it
 
