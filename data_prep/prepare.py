@@ -8,6 +8,7 @@ manifest that lists every bad entry by id.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import io
@@ -163,3 +164,22 @@ def summary(manifests: dict[str, dict[str, Any]]) -> str:
       f"{c['bad_refs'] + c['dropped_sentences']:>6}"
     )
   return "\n".join(lines)
+
+
+def add_output_flags(parser: argparse.ArgumentParser, splits_help: str) -> None:
+  """The converters' shared flags: --out, --splits, --strict, --shard_size.
+
+  Args:
+    parser: the converter's parser.
+    splits_help: what --splits names and defaults to for this converter.
+  """
+  parser.add_argument("--out", required=True, help="output root folder")
+  parser.add_argument("--splits", nargs="+", default=None, help=splits_help)
+  parser.add_argument(
+    "--strict",
+    action="store_true",
+    help="stop at the first bad entry instead of listing it",
+  )
+  parser.add_argument(
+    "--shard_size", type=int, default=1000, help="records per ArrayRecord shard"
+  )

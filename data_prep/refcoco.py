@@ -249,26 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     help="refcoco, refcoco+, refcocog (or a synthetic name)",
   )
   p.add_argument("--split_by", default="unc", help="unc, umd or google")
-  p.add_argument("--out", required=True, help="output root folder")
-  p.add_argument(
-    "--splits",
-    nargs="+",
-    default=None,
-    help="splits to write (default: all in the refs file)",
-  )
-  p.add_argument(
-    "--strict",
-    action="store_true",
-    help="stop at the first bad entry instead of listing it",
-  )
+  prepare.add_output_flags(p, "splits to write (default: all in the refs file)")
   p.add_argument(
     "--num_workers",
     type=int,
     default=min(8, os.cpu_count() or 1),
     help="image-decoding processes (0: in this process)",
-  )
-  p.add_argument(
-    "--shard_size", type=int, default=1000, help="records per ArrayRecord shard"
   )
   args = p.parse_args(argv)
   try:

@@ -245,11 +245,8 @@ def resolve_dataset_files(
 
 def file_sha256(path: str) -> str:
   """Hex SHA-256 of a file's contents."""
-  h = hashlib.sha256()
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def resolve_image_dir(coco_images: str, file_names: Sequence[str]) -> str:

@@ -219,21 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     help="refcoco_unc, refcoco_google, refcocoplus_unc, "
     "refcocog_umd or refcocog_google",
   )
-  p.add_argument("--out", required=True, help="output root folder")
-  p.add_argument(
-    "--splits",
-    nargs="+",
-    default=None,
-    help="tfds split names (default: all built)",
-  )
-  p.add_argument(
-    "--strict",
-    action="store_true",
-    help="stop at the first bad entry instead of listing it",
-  )
-  p.add_argument(
-    "--shard_size", type=int, default=1000, help="records per ArrayRecord shard"
-  )
+  prepare.add_output_flags(p, "tfds split names (default: all built)")
   args = p.parse_args(argv)
   try:
     sources = open_tfds(args.config, args.tfds_data_dir, args.splits)

@@ -256,11 +256,8 @@ def convert_state_dict(
 
 
 def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      digest.update(block)
-  return digest.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _sibling(path: str, tag: str) -> str:

@@ -13,32 +13,19 @@ import warnings
 
 import numpy as np
 import pytest
+from flax_test_utils import TINY_CLIP
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
+# The converter tests' model: two blocks in layer2, two text layers. OpenAI's
+# build_model derives the head count as width // 64.
 TINY = dict(
-  embed_dim=32,
-  image_resolution=64,
+  TINY_CLIP,
   vision_layers=(1, 2, 1, 1),
-  vision_width=8,
-  context_length=8,
-  vocab_size=50,
   transformer_width=64,
   transformer_heads=1,
   transformer_layers=2,
-)
-RN50 = dict(
-  TINY,
-  embed_dim=1024,
-  image_resolution=224,
-  vision_layers=(3, 4, 6, 3),
-  vision_width=64,
-  context_length=77,
-  vocab_size=49408,
-  transformer_width=512,
-  transformer_heads=8,
-  transformer_layers=12,
 )
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax_test_utils import random_variables
+from flax_test_utils import RN50, random_variables
 
 from jmceln_jax import convert_clip
 from jmceln_jax.config_lib import CLIP_RN101
@@ -56,7 +56,7 @@ def rn101(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rn50(tmp_path_factory):
-  return _converted(tmp_path_factory, "rn50", ref.RN50, fp16=False)
+  return _converted(tmp_path_factory, "rn50", RN50, fp16=False)
 
 
 def _encode_image(model, variables, images, **kwargs):

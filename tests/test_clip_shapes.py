@@ -7,12 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax_test_utils import random_variables
+from flax_test_utils import RN50, TINY_CLIP, random_variables
 
 from jmceln_jax.config_lib import CLIP_RN101
 from jmceln_jax.models import clip
 
-RN50 = dict(CLIP_RN101, embed_dim=1024, vision_layers=(3, 4, 6, 3))
 RN50X4 = dict(
   CLIP_RN101,
   embed_dim=640,
@@ -21,17 +20,6 @@ RN50X4 = dict(
   vision_width=80,
   transformer_width=640,
   transformer_heads=10,
-)
-TINY = dict(
-  embed_dim=16,
-  image_resolution=64,
-  vision_layers=(1, 1, 1, 1),
-  vision_width=8,
-  context_length=8,
-  vocab_size=20,
-  transformer_width=64,
-  transformer_heads=2,
-  transformer_layers=1,
 )
 
 
@@ -66,7 +54,7 @@ def test_full_size_shapes(hparams, width):
 
 
 def test_pooled_option_and_errors():
-  model = clip.CLIP(**dict(TINY, image_resolution=224))
+  model = clip.CLIP(**dict(TINY_CLIP, image_resolution=224))
   variables = clip.abstract_variables(model)
 
   def encode(size, length=8, **kwargs):
@@ -120,7 +108,7 @@ def test_hparams_and_parameter_count_match_openai():
 
 @pytest.mark.parametrize("freeze_bn", [False, True])
 def test_batch_norm_modes(freeze_bn):
-  model = clip.CLIP(**TINY, freeze_bn=freeze_bn)
+  model = clip.CLIP(**TINY_CLIP, freeze_bn=freeze_bn)
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 96, 3)))
   variables = random_variables(clip.abstract_variables(model), seed=1)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from jmceln_jax.models import blocks, lsran
+from jmceln_jax.models import blocks, layers, lsran
 from jmceln_jax.models.cascade import Cascade, CascadeStage
 from jmceln_jax.models.head import Head
 from jmceln_jax.models.neck import Neck
@@ -133,6 +133,30 @@ def test_attention_matches_torch_with_key_padding_mask():
       key_padding_mask=torch.from_numpy(pad),
     )
   np.testing.assert_allclose(out, want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_core_matches_jax_nn(dtype):
+  """The shared core = jax.nn.dot_product_attention's XLA path (float32
+  logits and softmax), here with extra leading dims and broadcast bias/mask."""
+  heads, t, d = 2, 6, 8
+  q, k, v = (_normal(i, (B, 3, t, heads, d)).astype(dtype) for i in (1, 2, 3))
+  bias = _normal(4, (heads, t, t))
+  mask = jax.random.bernoulli(jax.random.key(5), 0.7, (1, 3, 1, 1, t))
+  mask = mask.at[..., 0].set(True)
+  out = jax.jit(layers.dot_product_attention)(q, k, v, bias=bias, mask=mask)
+  assert out.dtype == dtype
+  flat = lambda x: x.reshape(B * 3, *x.shape[2:])  # noqa: E731
+  want = jax.nn.dot_product_attention(
+    flat(q),
+    flat(k),
+    flat(v),
+    bias=bias[None],
+    mask=flat(jnp.broadcast_to(mask, (B, 3, 1, 1, t))),
+  ).reshape(out.shape)
+  np.testing.assert_allclose(
+    out.astype(jnp.float32), want.astype(jnp.float32), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_attention_bfloat16_keeps_float32_softmax():

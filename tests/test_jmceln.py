@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax_test_utils import TINY_CLIP
 
 from jmceln_jax import config_lib, losses
 from jmceln_jax.models.jmceln import JMCELNDecoder, build_model
@@ -191,17 +192,7 @@ def _tiny_model_config():
   """config.model with a tiny CLIP (random weights) and the TINY decoder."""
   config = config_lib.base_config()
   config.model.update(TINY)
-  config.model.clip.update(
-    embed_dim=16,
-    image_resolution=64,
-    vision_layers=(1, 1, 1, 1),
-    vision_width=8,
-    context_length=8,
-    vocab_size=100,
-    transformer_width=16,
-    transformer_heads=2,
-    transformer_layers=1,
-  )
+  config.model.clip.update(TINY_CLIP)
   return config.model
 
 

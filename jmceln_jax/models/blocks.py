@@ -1,14 +1,14 @@
 """Layers shared by the JMCELN decoder modules.
 
-Conv-BN-activation, multi-head attention with float32 logits and arbitrary
-leading batch dimensions (windows), and the compute-dtype helper. All tensors
-are NHWC. Torch-parity norm constructors come from `jmceln_jax.models.layers`,
-resizing from `jmceln_jax.resize`.
+Conv-BN-activation, multi-head attention with arbitrary leading batch
+dimensions (windows) around the float32 core `layers.dot_product_attention`,
+the depthwise convolution, and the compute-dtype helper. All tensors are NHWC.
+Torch-parity norm constructors come from `jmceln_jax.models.layers`, resizing
+from `jmceln_jax.resize`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,13 +25,6 @@ Dtype = Any
 def compute_dtype(dtype: Dtype | str | None) -> jnp.dtype | None:
   """Turns a config dtype ("float32", "bfloat16", None) into a jnp dtype."""
   return None if dtype is None else jnp.dtype(dtype)
-
-
-def batch_norm(*, train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
-  """Torch-parity BatchNorm: batch statistics iff `train`."""
-  return layers.batch_norm(
-    use_running_average=not train, dtype=dtype, name=name
-  )
 
 
 class ConvBN(nn.Module):
@@ -64,7 +57,9 @@ class ConvBN(nn.Module):
       dtype=self.dtype,
       name="conv",
     )(x)
-    x = batch_norm(train=train, dtype=self.dtype, name="bn")(x)
+    x = layers.batch_norm(
+      use_running_average=not train, dtype=self.dtype, name="bn"
+    )(x)
     return x if self.act is None else self.act(x)
 
 
@@ -128,15 +123,7 @@ class MultiHeadAttention(nn.Module):
     # A key bias shifts every logit of a query equally: softmax ignores it.
     k = project(key, "key", use_bias=False)
     v = project(value, "value")
-    logits = jnp.einsum(
-      "...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32
-    ) * (1.0 / math.sqrt(head_dim))
-    if bias is not None:
-      logits = logits + bias.astype(jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("...hqk,...khd->...qhd", probs, v)
+    out = layers.dot_product_attention(q, k, v, bias=bias, mask=mask)
     return nn.DenseGeneral(dim, axis=(-2, -1), dtype=self.dtype, name="out")(
       out
     )

@@ -4,9 +4,10 @@ Everything here pins one torch convention in one place:
 - BatchNorm: torch momentum 0.1 is flax momentum 0.9; eps 1e-5.
 - LayerNorm: eps 1e-5 (flax's default is 1e-6).
 - QuickGELU: x * sigmoid(1.702 x), as in OpenAI CLIP.
+- `dot_product_attention`: the package's one attention core (CLIP and the
+  decoder), float32 logits and softmax.
 - Multi-head attention with separate q/k/v projections (torch's
-  `nn.MultiheadAttention` after splitting its fused `in_proj_weight`),
-  softmax in float32.
+  `nn.MultiheadAttention` after splitting its fused `in_proj_weight`).
 - `Stack`: a sequence of blocks named "0", "1", ... like torch's
   `nn.Sequential`, so parameter paths mirror torch state_dict keys.
 """
@@ -61,6 +62,43 @@ def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+def dot_product_attention(
+  query: jax.Array,
+  key: jax.Array,
+  value: jax.Array,
+  *,
+  bias: jax.Array | None = None,
+  mask: jax.Array | None = None,
+) -> jax.Array:
+  """Scaled dot-product attention over projected, head-split inputs.
+
+  The one attention core of the package (CLIP and the decoder). Logits,
+  scaling, bias, mask and softmax are float32 whatever the input dtype; the
+  probabilities are cast back to the dtype of `value` for the second product.
+  Leading dimensions are batch dimensions (e.g. [B, windows]).
+
+  Args:
+    query: [..., Tq, heads, d].
+    key: [..., Tk, heads, d].
+    value: [..., Tk, heads, dv].
+    bias: optional additive logit bias broadcastable to [..., heads, Tq, Tk].
+    mask: optional bool broadcastable to [..., heads, Tq, Tk]; True where a
+      key may be attended. A query with no allowed key attends uniformly.
+
+  Returns:
+    [..., Tq, heads, dv] in the dtype of `value`.
+  """
+  logits = jnp.einsum(
+    "...qhd,...khd->...hqk", query, key, preferred_element_type=jnp.float32
+  ) * (query.shape[-1] ** -0.5)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+  return jnp.einsum("...hqk,...khd->...qhd", probs, value)
+
+
 def multi_head_attention(
   query: jax.Array,
   key: jax.Array,
@@ -68,7 +106,7 @@ def multi_head_attention(
   num_heads: int,
   mask: jax.Array | None = None,
 ) -> jax.Array:
-  """Scaled dot-product attention over already projected inputs.
+  """`dot_product_attention` on inputs whose heads are fused in the width.
 
   Args:
     query: [B, Lq, D].
@@ -81,23 +119,15 @@ def multi_head_attention(
   Returns:
     [B, Lq, D] in the dtype of `value`; logits and softmax are float32.
   """
-  batch, q_len, dim = query.shape
+  dim = query.shape[-1]
   if dim % num_heads:
     raise ValueError(f"width {dim} is not divisible by {num_heads} heads.")
-  head_dim = dim // num_heads
 
-  def split(x: jax.Array) -> jax.Array:  # [B, L, D] -> [B, heads, L, D/heads]
-    return x.reshape(x.shape[0], x.shape[1], num_heads, head_dim).swapaxes(1, 2)
+  def split(x: jax.Array) -> jax.Array:  # [B, L, D] -> [B, L, heads, D/heads]
+    return x.reshape(*x.shape[:-1], num_heads, dim // num_heads)
 
-  q, k, v = split(query * head_dim**-0.5), split(key), split(value)
-  logits = jnp.einsum(
-    "bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32
-  )
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
-  return out.swapaxes(1, 2).reshape(batch, q_len, dim)
+  out = dot_product_attention(split(query), split(key), split(value), mask=mask)
+  return out.reshape(*out.shape[:-2], dim)
 
 
 class MultiheadAttention(nn.Module):

@@ -20,7 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jmceln_jax.models.blocks import ConvBN, Dtype, batch_norm
+from jmceln_jax.models import layers
+from jmceln_jax.models.blocks import ConvBN, Dtype
 from jmceln_jax.resize import upsample2x
 
 Array = jax.Array
@@ -72,7 +73,10 @@ class Neck(nn.Module):
     s = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="w_s")(
       sentence
     )
-    s = nn.leaky_relu(batch_norm(train=train, dtype=self.dtype, name="bn_s")(s))
+    bn_s = layers.batch_norm(
+      use_running_average=not train, dtype=self.dtype, name="bn_s"
+    )
+    s = nn.leaky_relu(bn_s(s))
     f = conv(kernel_size=1, name="w_v3")(c5, train=train) * s[:, None, None, :]
     for level, feature in ((2, c4), (1, c3)):
       v = conv(kernel_size=3, name=f"w_v{level}")(feature, train=train)
