@@ -5,6 +5,8 @@ Pipeline (CRIS-style letterbox, design.md §3):
   load_image      bytes / path / PIL image -> uint8 [H, W, 3] RGB, EXIF applied.
   letterbox_image aspect-preserving bicubic fit into S x S, centred, on a canvas
                   of the CLIP mean colour; returns the geometry as a Letterbox.
+  random_letterbox_params  a scaled-down, randomly placed fit (training
+                  augmentation; letterbox_image and letterbox_mask take it).
   letterbox_mask  the same geometry for a 0/1 mask (bilinear, >= 0.5).
   normalize       uint8 -> float32 CLIP-normalised (numpy or jax arrays).
   unletterbox     (jax) network logits [B, S, S, K] -> original-size logits on
@@ -59,14 +61,55 @@ class Letterbox(NamedTuple):
     return np.asarray(self, np.int32)
 
 
-def letterbox_params(height: int, width: int, size: int) -> Letterbox:
-  """The centred aspect-preserving fit of an h x w image into size x size."""
+def _fit(
+  height: int, width: int, size: int, factor: float = 1.0
+) -> tuple[int, int]:
+  """(nh, nw): the aspect-preserving fit into size x size times `factor`,
+  rounded half up and clipped to [1, size]."""
   if min(height, width, size) < 1:
     raise ValueError(f"Bad letterbox sizes: image {height}x{width}, S={size}.")
-  scale = min(size / height, size / width)
+  scale = factor * min(size / height, size / width)
   nh = min(size, max(1, int(np.floor(height * scale + 0.5))))
   nw = min(size, max(1, int(np.floor(width * scale + 0.5))))
+  return nh, nw
+
+
+def letterbox_params(height: int, width: int, size: int) -> Letterbox:
+  """The centred aspect-preserving fit of an h x w image into size x size."""
+  nh, nw = _fit(height, width, size)
   return Letterbox(height, width, nh, nw, (size - nh) // 2, (size - nw) // 2)
+
+
+def random_letterbox_params(
+  height: int,
+  width: int,
+  size: int,
+  rng: np.random.Generator,
+  min_scale: float = 0.85,
+) -> Letterbox:
+  """A jittered letterbox for training augmentation.
+
+  The aspect-preserving fit is scaled by a factor drawn uniformly from
+  [min_scale, 1] and placed at a uniformly random position inside the
+  size x size canvas (instead of centred).
+
+  Args:
+    height: h of the original image.
+    width: w.
+    size: S.
+    rng: draws, in order, the scale factor, the top and the left offset.
+    min_scale: smallest scale factor, in (0, 1].
+
+  Returns:
+    The Letterbox geometry (for letterbox_image(..., box=) and
+    letterbox_mask).
+  """
+  if not 0 < min_scale <= 1:
+    raise ValueError(f"min_scale must be in (0, 1], got {min_scale}.")
+  nh, nw = _fit(height, width, size, rng.uniform(min_scale, 1.0))
+  top = int(rng.integers(size - nh + 1))
+  left = int(rng.integers(size - nw + 1))
+  return Letterbox(height, width, nh, nw, top, left)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -110,19 +153,27 @@ def load_image(source: bytes | str | os.PathLike | Image.Image) -> np.ndarray:
 
 
 def letterbox_image(
-  image: np.ndarray, size: int
+  image: np.ndarray, size: int, box: Letterbox | None = None
 ) -> tuple[np.ndarray, Letterbox]:
   """Fits an image into size x size (PIL bicubic), border = CLIP mean colour.
 
   Args:
     image: [H, W, 3] uint8 RGB.
     size: S.
+    box: the geometry to use (e.g. from random_letterbox_params); default
+      the centred fit, letterbox_params(H, W, S).
 
   Returns:
     canvas: [S, S, 3] uint8.
     box: the Letterbox geometry.
   """
-  box = letterbox_params(image.shape[0], image.shape[1], size)
+  if box is None:
+    box = letterbox_params(image.shape[0], image.shape[1], size)
+  elif (box.height, box.width) != image.shape[:2]:
+    raise ValueError(
+      f"The letterbox is for a {box.height}x{box.width} image, but the "
+      f"image is {image.shape[0]}x{image.shape[1]}."
+    )
   if (box.new_height, box.new_width) != image.shape[:2]:
     pil = Image.fromarray(image).resize(
       (box.new_width, box.new_height), Image.Resampling.BICUBIC

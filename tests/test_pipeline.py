@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 from bench import data as bench_data
 from data_prep import refcoco, refer_io, synthetic
 from jmceln_jax import preprocess, text
-from jmceln_jax.data import pipeline, records
+from jmceln_jax.data import augmentation, pipeline, records
 
 NAME = "syn"
 S = 32  # Training image side.
@@ -66,6 +66,22 @@ def _assert_same(a, b):
     assert x.keys() == y.keys()
     for k in x:
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def _resume_after(dataset_fn, steps, more):
+  """`more` batches of a fresh iterator restored after `steps` batches."""
+  iterator = iter(dataset_fn())
+  try:
+    [next(iterator) for _ in range(steps)]
+    state = iterator.get_state()
+  finally:
+    iterator.close()
+  resumed = iter(dataset_fn())
+  try:
+    resumed.set_state(state)
+    return [next(resumed) for _ in range(more)]
+  finally:
+    resumed.close()
 
 
 def _train(prepared, split="train", **kw):
@@ -187,18 +203,113 @@ def test_train_batches_are_reproducible(data):
   other = _take(_train(prepared, seed=1), 5)
   assert not np.array_equal(_concat(other)["ref_id"], _concat(first)["ref_id"])
   # Resume mid-epoch from the state a checkpoint would hold.
-  iterator = iter(_train(prepared))
-  try:
-    [next(iterator) for _ in range(2)]
-    state = iterator.get_state()
-  finally:
-    iterator.close()
-  resumed = iter(_train(prepared))
-  try:
-    resumed.set_state(state)
-    _assert_same([next(resumed) for _ in range(3)], first[2:])
-  finally:
-    resumed.close()
+  _assert_same(_resume_after(lambda: _train(prepared), 2, 3), first[2:])
+
+
+def _which_flip(image, target, pixels, mask, box):
+  """The flips (False/True) of the source image and mask that letterbox
+  under `box` to exactly `image` and `target`."""
+  found = []
+  for flip in (False, True):
+    if flip:
+      pixels, mask = pixels[:, ::-1].copy(), mask[:, ::-1].copy()
+    canvas, _ = preprocess.letterbox_image(pixels, S, box)
+    if np.array_equal(canvas, image) and np.array_equal(
+      preprocess.letterbox_mask(mask, box, S), target
+    ):
+      found.append(flip)
+  return found
+
+
+def test_train_augmentation(data):
+  _, prepared = data
+  recs = {r["ref_id"]: r for r in records.iter_records(prepared, "train")}
+  steps = 6
+  plain = _concat(_take(_train(prepared), steps))
+  batches = _take(_train(prepared, augment=True), steps)
+  _assert_same(_take(_train(prepared, augment=True), steps), batches)
+  _assert_same(
+    _resume_after(lambda: _train(prepared, augment=True), 2, 3), batches[2:5]
+  )
+  aug = _concat(batches)
+  # Augmentation draws after the sentence: the same refs and sentences.
+  np.testing.assert_array_equal(aug["ref_id"], plain["ref_id"])
+  flips, mirrored, jittered = [], [], 0
+  for row, ref_id in enumerate(aug["ref_id"].tolist()):
+    rec = recs[ref_id]
+    pixels, mask = preprocess.load_image(rec["image"]), records.decode_mask(rec)
+    h, w = mask.shape
+    fit = preprocess.letterbox_params(h, w, S)
+    np.testing.assert_array_equal(plain["box"][row], fit.as_array())  # Off.
+    box = preprocess.Letterbox(*aug["box"][row].tolist())
+    assert (box.height, box.width) == (h, w)
+    for new, full in (
+      (box.new_height, fit.new_height),
+      (box.new_width, fit.new_width),
+    ):
+      assert np.floor(augmentation.MIN_SCALE * full) <= new <= full
+    assert box.top + box.new_height <= S and box.left + box.new_width <= S
+    jittered += box != fit
+    (flip,) = _which_flip(
+      aug["image"][row], aug["target"][row], pixels, mask, box
+    )
+    # The sentence is mirrored exactly when the image and mask are flipped.
+    sentence = next(
+      s
+      for s in rec["sentences"]
+      if np.array_equal(text.tokenize(s, L)[0], plain["tokens"][row])
+    )
+    want = augmentation.mirror_sentence(sentence) if flip else sentence
+    np.testing.assert_array_equal(aug["tokens"][row], text.tokenize(want, L)[0])
+    flips.append(flip)
+    mirrored.append(flip and want != sentence)
+  assert 0 < sum(flips) < len(flips) and any(mirrored)
+  assert jittered > len(flips) // 2
+
+
+def test_flip_mirrors_left_and_right(data):
+  _, prepared = data
+  rec = next(records.iter_records(prepared, "train"))
+  pixels, mask = preprocess.load_image(rec["image"]), records.decode_mask(rec)
+  example = pipeline.Example(S, L, text.resolve_vocab(None))
+  flips = set()
+  for seed in range(6):
+    for sentence, mirrored in (
+      ("the leftover cup on the left", "the leftover cup on the right"),
+      ("the cup right next to the plate", None),  # Never flipped.
+    ):
+      out = example(rec, sentence, 0, np.random.default_rng(seed))
+      box = preprocess.Letterbox(*out["box"].tolist())
+      (flip,) = _which_flip(out["image"], out["target"], pixels, mask, box)
+      assert not (flip and mirrored is None)
+      want = mirrored if flip else sentence
+      np.testing.assert_array_equal(out["tokens"], text.tokenize(want, L)[0])
+      flips.add(flip)
+  assert flips == {False, True}
+  with pytest.raises(ValueError, match="letterbox is for a"):
+    preprocess.letterbox_image(pixels[1:], S, box)
+  with pytest.raises(ValueError, match="min_scale"):
+    preprocess.random_letterbox_params(4, 4, S, np.random.default_rng(0), 0.0)
+
+
+@pytest.mark.parametrize(
+  "sentence, mirrored",
+  [
+    ("the cup on the left", "the cup on the right"),
+    (
+      "Right guy, LEFT of the Left-hand door",
+      "Left guy, RIGHT of the Right-hand door",
+    ),
+    ("leftmost of the rightmost two", "rightmost of the leftmost two"),
+    ("leftover pie, alright, upright", "leftover pie, alright, upright"),
+    ("guy on right in red", "guy on left in red"),
+    ("far right by the door", "far left by the door"),
+    ("the man right next to the bus", None),
+    ("girl right behind the left bench", None),
+  ],
+)
+def test_mirror_sentence(sentence, mirrored):
+  assert augmentation.mirror_sentence(sentence) == mirrored
 
 
 def test_worker_processes_give_the_same_batches(data):
@@ -217,7 +328,8 @@ def test_each_epoch_visits_every_ref_once(data):
   _, prepared = data
   recs = {r["ref_id"]: r for r in records.iter_records(prepared, "train")}
   n = len(recs)
-  batch = max(d for d in range(2, n // 2 + 1) if n % d == 0)
+  # Batches that tile an epoch: n's largest proper divisor (n if prime).
+  batch = max((d for d in range(2, n // 2 + 1) if n % d == 0), default=n)
   steps = n // batch
   epochs = 3
   b = _concat(_take(_train(prepared, batch_size=batch), steps * epochs))

@@ -13,6 +13,8 @@ record order, padded at the end to whole global batches; padded rows carry
 
 Every example goes through `jmceln_jax.preprocess` (the same code as
 prediction): decode, letterbox to S x S, CLIP normalisation, tokenisation to L.
+Training can add `jmceln_jax.data.augmentation` (flip with mirrored sentence,
+letterbox jitter; off by default).
 
 Batch fields (per process, leading dimension = per-process batch B):
   image     [B, S, S, 3] uint8    letterboxed image (normalised on device)
@@ -38,7 +40,7 @@ import numpy as np
 from absl import flags
 
 from jmceln_jax import preprocess, text
-from jmceln_jax.data import records
+from jmceln_jax.data import augmentation, records
 
 # Batches built concurrently and held ready per process (see `_finish`).
 _PREFETCH = 4
@@ -62,12 +64,21 @@ class Example:
     return text.Tokenizer(self.max_len, self.vocab)
 
   def __call__(
-    self, record: dict[str, Any], sentence: str, sent_idx: int
+    self,
+    record: dict[str, Any],
+    sentence: str,
+    sent_idx: int,
+    rng: np.random.Generator | None = None,
   ) -> dict[str, Any]:
-    image, box = preprocess.letterbox_image(
-      preprocess.load_image(record["image"]), self.image_size
-    )
+    """One example; `rng` (training only) enables `augmentation.augment`."""
+    image = preprocess.load_image(record["image"])
     mask = records.decode_mask(record)
+    box = None
+    if rng is not None:
+      image, mask, sentence, box = augmentation.augment(
+        image, mask, sentence, self.image_size, rng
+      )
+    image, box = preprocess.letterbox_image(image, self.image_size, box)
     out = {
       "image": image,
       "tokens": self._tokenizer(sentence)[0],
@@ -92,14 +103,18 @@ class Example:
 
 @dataclasses.dataclass(frozen=True)
 class _TrainMap:
-  """Record bytes + per-element RNG -> training example (random sentence)."""
+  """Record bytes + per-element RNG -> training example (random sentence,
+  optionally augmented with the same RNG)."""
 
   example: Example
+  augment: bool = False
 
   def __call__(self, data: bytes, rng: np.random.Generator) -> dict:
     record = records.decode_record(data)
     idx = int(rng.integers(len(record["sentences"])))
-    return self.example(record, record["sentences"][idx], idx)
+    return self.example(
+      record, record["sentences"][idx], idx, rng if self.augment else None
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +186,7 @@ def train_dataset(
   num_workers: int = 0,
   process_index: int = 0,
   process_count: int = 1,
+  augment: bool = False,
 ) -> grain.IterDataset:
   """Endless training batches of this process (see the module docstring).
 
@@ -184,6 +200,10 @@ def train_dataset(
     vocab: tokenizer vocabulary (None: the installed default).
     num_workers: grain worker processes (0 = in the main process).
     process_index, process_count: this host's slice of the refs.
+    augment: random flip with mirrored sentence and letterbox jitter (see
+      `jmceln_jax.data.augmentation`), drawn per example from `seed`; the
+      iterator state still resumes exactly. "box" then holds each example's
+      jittered geometry (of the flipped original when flipped).
   """
   example = Example(image_size, max_len, text.resolve_vocab(vocab))
   ds = grain.MapDataset.source(_source(data_dir, split))
@@ -195,7 +215,7 @@ def train_dataset(
       "more data (e.g. more input.synthetic_images)."
     )
   ds = ds.shuffle(seed=seed).repeat(None)
-  ds = ds.random_map(_TrainMap(example), seed=seed)
+  ds = ds.random_map(_TrainMap(example, augment), seed=seed)
   return _finish(ds.batch(batch_size, drop_remainder=True), num_workers)
 
 
