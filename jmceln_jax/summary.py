@@ -1,34 +1,38 @@
-"""Model summary: parameters per module, forward GFLOPs, training-step memory.
+"""Model summary: parameters per module, forward GFLOPs, training-step cost.
 
   python -m jmceln_jax.summary --config configs/refcoco.py [--devices=2]
 
 Nothing is executed: parameters come from `jax.eval_shape`, FLOPs from XLA's
-cost analysis of the compiled forward pass (batch 1, eval mode), memory from
-the compiled training step (loss, gradients, AdamW update) for one device's
-share of `input.global_batch_size`. So the full paper model can be
-summarised on a laptop CPU (compiling it takes a few minutes there).
+cost analysis of the compiled forward pass (batch 1, eval mode), and the
+training step's memory and FLOPs from compiling the trainer's own step
+(`trainer.jit_train_step`: loss, gradients with accumulation, the configured
+optimiser, the config's mesh and parameter sharding, donated state) on
+abstract inputs: the global batch `input.global_batch_size` split over
+`--devices` devices. So the full paper model can be summarised on a laptop
+CPU (compiling its training step takes a few minutes there); --devices
+simulates that many CPU devices when the machine has no accelerator.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jmceln_jax import losses
+from jmceln_jax import sharding, train_lib, trainer
 from jmceln_jax.models import jmceln
 
 PyTree = Any
 MODULE_ORDER = ("clip/visual", "clip/text", "neck", "lsran", "cascade", "head")
+GIB = 2.0**30
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -40,8 +44,9 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_integer(
   "devices",
   None,
-  "Devices sharing input.global_batch_size in the memory estimate "
-  "(default: all local devices; the paper used 2).",
+  "Devices sharing input.global_batch_size in the training-step estimate "
+  "(default: all devices). Without an accelerator, this many CPU devices "
+  "are simulated (the paper used 2 GPUs).",
 )
 flags.DEFINE_integer(
   "depth",
@@ -50,26 +55,49 @@ flags.DEFINE_integer(
   "one level deeper: clip/visual, clip/text).",
 )
 flags.DEFINE_bool(
-  "train_memory", True, "Also compile the training step for its memory."
+  "train_memory",
+  True,
+  "Also compile the training step for its memory and FLOPs.",
 )
 
 
-def abstract_inputs(batch: int, config: ml_collections.ConfigDict) -> dict:
-  """ShapeDtypeStructs of one batch: image, tokens, target."""
+def abstract_batch(
+  batch: int,
+  config: ml_collections.ConfigDict,
+  batch_sharding: jax.sharding.Sharding | None = None,
+) -> dict[str, jax.ShapeDtypeStruct]:
+  """A training batch as the input pipeline delivers it, by shape only.
+
+  Args:
+    batch: B, the (global) batch size.
+    config: the run's config (input.image_size S, input.max_len L).
+    batch_sharding: optional sharding of every field.
+
+  Returns:
+    "image" [B, S, S, 3] uint8, "tokens" [B, L] int32, "target" [B, S, S]
+    uint8 as ShapeDtypeStructs.
+  """
   size, length = config.input.image_size, config.input.max_len
+  shapes = {
+    "image": ((batch, size, size, 3), jnp.uint8),
+    "tokens": ((batch, length), jnp.int32),
+    "target": ((batch, size, size), jnp.uint8),
+  }
   return {
-    "image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
-    "tokens": jax.ShapeDtypeStruct((batch, length), jnp.int32),
-    "target": jax.ShapeDtypeStruct((batch, size, size), jnp.int32),
+    k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+    for k, (shape, dtype) in shapes.items()
   }
 
 
-def abstract_variables(model: nn.Module, inputs: Mapping[str, Any]) -> PyTree:
+def abstract_variables(
+  model: nn.Module, config: ml_collections.ConfigDict
+) -> PyTree:
   """The model's variables as ShapeDtypeStructs (nothing is computed)."""
-  init = functools.partial(model.init, train=False)
-  return jax.eval_shape(
-    init, jax.random.key(0), inputs["image"], inputs["tokens"]
+  dummy = train_lib.dummy_inputs(
+    1, config.input.image_size, config.input.max_len
   )
+  init = functools.partial(model.init, train=False)
+  return jax.eval_shape(init, jax.random.key(0), *dummy)
 
 
 def param_counts(params: PyTree, depth: int = 1) -> dict[str, int]:
@@ -98,40 +126,6 @@ def param_counts(params: PyTree, depth: int = 1) -> dict[str, int]:
   return {k: counts[k] for k in sorted(counts, key=order)}
 
 
-def _train_step(
-  params: PyTree,
-  batch_stats: PyTree,
-  opt_state: PyTree,
-  batch: Mapping[str, jax.Array],
-  *,
-  model: nn.Module,
-  tx: optax.GradientTransformation,
-  loss_config: ml_collections.ConfigDict,
-) -> tuple[PyTree, PyTree, PyTree, jax.Array]:
-  """A minimal training step: loss, gradients, one AdamW update."""
-
-  def loss_fn(p: PyTree) -> tuple[jax.Array, PyTree]:
-    (logits, aux), updates = model.apply(
-      {"params": p, "batch_stats": batch_stats},
-      batch["image"],
-      batch["tokens"],
-      train=True,
-      mutable=["batch_stats"],
-    )
-    loss, _ = losses.segmentation_loss(
-      logits,
-      batch["target"],
-      class_weights=loss_config.class_weights,
-      stage_logits=[s["logits"] for s in aux["stages"] if "logits" in s],
-      stage_weight=loss_config.stage_weight,
-    )
-    return loss, updates["batch_stats"]
-
-  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), batch_stats, opt_state, loss
-
-
 def _cost(compiled: Any, key: str) -> float:
   """One entry of XLA's cost analysis (a dict, or a list of one dict)."""
   analysis = compiled.cost_analysis()
@@ -140,73 +134,106 @@ def _cost(compiled: Any, key: str) -> float:
   return float(analysis.get(key, 0.0))
 
 
-def _compile(fn: Any, *args: Any, what: str, **jit_kwargs: Any) -> Any:
-  """AOT-compiles `fn` on abstract arguments, logging the time taken."""
+def _compile(jitted: Any, *args: Any, what: str) -> tuple[Any, float]:
+  """AOT-compiles a jitted function on abstract arguments (never runs it).
+
+  Returns:
+    (the compiled executable, compile seconds).
+  """
   logging.info("Compiling the %s...", what)
   start = time.perf_counter()
-  compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile()
-  logging.info("Compiled the %s in %.1f s.", what, time.perf_counter() - start)
-  return compiled
+  compiled = jitted.lower(*args).compile()
+  seconds = time.perf_counter() - start
+  logging.info("Compiled the %s in %.1f s.", what, seconds)
+  return compiled, seconds
 
 
 def forward_gflops(
   model: nn.Module, config: ml_collections.ConfigDict
 ) -> float:
   """GFLOPs of one image's forward pass (eval mode), from XLA."""
-  inputs = abstract_inputs(1, config)
-  variables = abstract_variables(model, inputs)
-  apply = functools.partial(model.apply, train=False)
-  compiled = _compile(
-    apply, variables, inputs["image"], inputs["tokens"], what="forward pass"
+  batch = abstract_batch(1, config)
+  apply = jax.jit(
+    lambda variables, images, tokens: model.apply(
+      variables, train_lib.model_images(images), tokens, train=False
+    )
+  )
+  compiled, _ = _compile(
+    apply,
+    abstract_variables(model, config),
+    batch["image"],
+    batch["tokens"],
+    what="forward pass",
   )
   return _cost(compiled, "flops") / 1e9
 
 
-def train_step_memory(
-  model: nn.Module, config: ml_collections.ConfigDict, batch: int
+def select_devices(count: int | None) -> list[jax.Device]:
+  """The first `count` devices (all for None), with a clear error if short."""
+  devices = jax.devices()
+  if count is None:
+    return devices
+  if count < 1 or count > len(devices):
+    raise ValueError(
+      f"--devices={count}, but {len(devices)} {devices[0].platform} "
+      "device(s) are available. Ask for at most that many, or run on CPU "
+      "(JAX_PLATFORMS=cpu) where the summary CLI simulates any number."
+    )
+  return devices[:count]
+
+
+def train_step_cost(
+  config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
 ) -> dict[str, float]:
-  """Memory (GiB) and GFLOPs of the compiled training step at `batch`.
+  """Per-device memory and FLOPs of the compiled training step.
+
+  Compiles exactly the step the trainer runs (`trainer.jit_train_step`) for
+  the global batch `input.global_batch_size` on a mesh of `devices`
+  (config.mesh with -1 resolved against them), state donated. Nothing runs.
 
   The memory figures are XLA's static buffer assignment for this backend
-  (CPU when run on a laptop); a GPU compile assigns buffers differently.
+  (CPU on a laptop); a GPU compile assigns buffers differently.
 
-  Parameters and optimiser state are donated, as in a real training loop.
+  Args:
+    config: the run's config.
+    devices: the mesh's devices.
+
+  Returns:
+    {name: value}: argument/output/temporary/aliased memory and a peak
+    estimate (GiB per device), GFLOPs per step (whole global batch) and per
+    image, and the compile time (s).
   """
-  inputs = abstract_inputs(batch, config)
-  variables = abstract_variables(model, inputs)
-  optim = config.optim
-  tx = optax.adamw(
-    optim.lr, optim.b1, optim.b2, optim.eps, weight_decay=optim.weight_decay
+  global_batch = config.input.global_batch_size
+  # Steps per epoch only set the schedule's length: irrelevant to the cost.
+  setup = trainer.build_setup(config, global_batch, devices)
+  sharding.per_process_batch_size(global_batch, setup.mesh)  # Checks it.
+  batch = abstract_batch(
+    global_batch, config, sharding.batch_sharding(setup.mesh)
   )
-  opt_state = jax.eval_shape(tx.init, variables["params"])
-  step = functools.partial(
-    _train_step, model=model, tx=tx, loss_config=config.loss
-  )
-  compiled = _compile(
-    step,
-    variables["params"],
-    variables.get("batch_stats", {}),
-    opt_state,
-    inputs,
-    what=f"training step (batch {batch})",
-    donate_argnums=(0, 1, 2),
+  compiled, seconds = _compile(
+    trainer.jit_train_step(config, setup),
+    setup.abstract_state,
+    batch,
+    what=f"training step (global batch {global_batch})",
   )
   mem = compiled.memory_analysis()
-  gib = 2.0**30
   sizes = {
-    "arguments (GiB)": mem.argument_size_in_bytes / gib,
-    "outputs (GiB)": mem.output_size_in_bytes / gib,
-    "temporaries (GiB)": mem.temp_size_in_bytes / gib,
-    "aliased (GiB)": mem.alias_size_in_bytes / gib,
+    "arguments (GiB)": mem.argument_size_in_bytes / GIB,
+    "outputs (GiB)": mem.output_size_in_bytes / GIB,
+    "temporaries (GiB)": mem.temp_size_in_bytes / GIB,
+    "aliased (GiB)": mem.alias_size_in_bytes / GIB,
   }
   sizes["peak estimate (GiB)"] = (
     mem.argument_size_in_bytes
     + mem.output_size_in_bytes
     + mem.temp_size_in_bytes
     - mem.alias_size_in_bytes
-  ) / gib
-  sizes["GFLOPs per step"] = _cost(compiled, "flops") / 1e9
-  sizes["GFLOPs per image"] = sizes["GFLOPs per step"] / batch
+  ) / GIB
+  # XLA's cost analysis covers one device's partition of the program.
+  per_step = _cost(compiled, "flops") * len(devices) / 1e9
+  sizes["GFLOPs per step"] = per_step
+  sizes["GFLOPs per image"] = per_step / global_batch
+  sizes["compile time (s)"] = seconds
   return sizes
 
 
@@ -221,13 +248,21 @@ def format_table(title: str, rows: Mapping[str, Any], fmt: str) -> str:
 def summarize(
   config: ml_collections.ConfigDict,
   *,
-  devices: int,
+  devices: int | None = None,
   depth: int = 1,
   train_memory: bool = True,
 ) -> str:
-  """The summary report for `config` as text."""
+  """The summary report for `config` as text.
+
+  Args:
+    config: the run's config.
+    devices: devices sharing the global batch in the training-step estimate
+      (None: all of `jax.devices()`).
+    depth: module depth of the parameter table (see `param_counts`).
+    train_memory: also compile the training step.
+  """
   model = jmceln.build_model(config.model)
-  variables = abstract_variables(model, abstract_inputs(1, config))
+  variables = abstract_variables(model, config)
   counts = param_counts(variables["params"], depth)
   counts["total"] = sum(counts.values())
   size = config.input.image_size
@@ -244,11 +279,14 @@ def summarize(
     ),
   ]
   if train_memory:
-    batch = max(config.input.global_batch_size // devices, 1)
-    sizes = train_step_memory(model, config, batch)
+    mesh_devices = select_devices(devices)
+    sizes = train_step_cost(config, mesh_devices)
+    n = len(mesh_devices)
+    gb = config.input.global_batch_size
     title = (
-      f"Training step on one device: batch {batch} "
-      f"(= {config.input.global_batch_size} / {devices} devices), "
+      f"Training step per device: global batch {gb} over {n} "
+      f"{mesh_devices[0].platform} device(s) ({gb // n} each), "
+      f"mesh {dict(config.mesh)}, accum {config.optim.grad_accum_steps}, "
       f"dtype {config.model.dtype}, remat {config.model.remat}"
     )
     parts.append(format_table(title, sizes, "10.2f"))
@@ -260,11 +298,13 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. configs/refcoco.py.")
-  devices = FLAGS.devices or jax.local_device_count()
+  if FLAGS.devices:
+    # Before any backend starts: lets a CPU-only machine simulate them.
+    jax.config.update("jax_num_cpu_devices", FLAGS.devices)
   print(
     summarize(
       FLAGS.config,
-      devices=devices,
+      devices=FLAGS.devices,
       depth=FLAGS.depth,
       train_memory=FLAGS.train_memory,
     )

@@ -1,18 +1,28 @@
-"""The summary CLI's parameter table (by shape only; no compilation)."""
+"""The summary CLI: parameter table by shape, and the compiled training step.
+
+The training-step test compiles the trainer's real step once (never runs it)
+for a tiny baseline model on 2 of the simulated CPU devices.
+"""
 
 import jax
+import pytest
 
-from jmceln_jax import config_lib, summary
+from jmceln_jax import config_lib, summary, trainer
 from jmceln_jax.models import jmceln
 
 
+def _tiny_config(variant="full"):
+  config = config_lib.small_config(image_size=32, max_len=8, width=8, dim=32)
+  config_lib.apply_variant(config, variant)
+  config.model.clip.transformer_layers = 1
+  config.input.global_batch_size = 4
+  return config
+
+
 def test_param_counts_group_and_order():
-  config = config_lib.small_config(image_size=64, max_len=8, width=8, dim=32)
+  config = _tiny_config()
   model = jmceln.build_model(config.model)
-  variables = summary.abstract_variables(
-    model, summary.abstract_inputs(1, config)
-  )
-  params = variables["params"]
+  params = summary.abstract_variables(model, config)["params"]
   counts = summary.param_counts(params)
   assert list(counts) == [
     "clip/visual",
@@ -30,6 +40,37 @@ def test_param_counts_group_and_order():
   # Parameters held directly by a module (query_embed) stay with it.
   assert {"cascade", "cascade/stage_1", "cascade/stage_0"} <= set(deeper)
   assert sum(deeper.values()) == sum(counts.values())
+
+
+def _nbytes(tree):
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def test_train_step_cost_compiles_the_trainer_step():
+  config = _tiny_config("baseline")
+  devices = summary.select_devices(2)
+  cost = summary.train_step_cost(config, devices)
+  state = trainer.build_setup(config, 4, devices).abstract_state
+  batch = summary.abstract_batch(config.input.global_batch_size, config)
+  # Per device: the whole (replicated) state, donated, and half the batch.
+  assert cost["aliased (GiB)"] * summary.GIB == _nbytes(state)
+  assert cost["arguments (GiB)"] * summary.GIB == (
+    _nbytes(state) + _nbytes(batch) // 2
+  )
+  assert batch["image"].dtype == "uint8" and batch["target"].dtype == "uint8"
+  assert cost["GFLOPs per step"] == pytest.approx(4 * cost["GFLOPs per image"])
+  assert cost["GFLOPs per image"] > 0 and cost["compile time (s)"] > 0
+  assert summary.select_devices(None) == jax.devices()
+  with pytest.raises(ValueError, match="--devices=99, but 8 cpu"):
+    summary.select_devices(99)
+
+
+def test_summarize_without_training_step():
+  report = summary.summarize(_tiny_config("baseline"), train_memory=False)
+  assert report.startswith("Parameters (M) at 32x32")
+  title = "Forward pass, 1 image, eval"
+  assert f"{title}\n{'-' * len(title)}\nGFLOPs" in report
+  assert "Training step" not in report
 
 
 def test_format_table():
