@@ -28,10 +28,8 @@ $(VENV)/.dev: $(VENV)/.runtime
 install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
-# Two XLA CPU devices: the small model's data-parallel halves run on both cores.
 demo: $(VENV)/.runtime
-	XLA_FLAGS="$(XLA_FLAGS) --xla_force_host_platform_device_count=2" \
-	  $(BIN)/python -m jmceln_jax.train --config configs/synthetic.py --workdir $(WORKDIR)
+	$(BIN)/python -m jmceln_jax.train --config configs/synthetic.py --workdir $(WORKDIR)
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q

@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
@@ -60,6 +61,9 @@ class Checkpointer:
     self.best_metric = best_metric
     self._manager = ocp.CheckpointManager(
       epath.Path(directory),
+      handler_registry=ocp.handlers.create_default_handler_registry(
+        state=_state_handler(), data=ocp.JsonCheckpointHandler()
+      ),
       options=ocp.CheckpointManagerOptions(
         preservation_policy=pp.AnyPreservationPolicy(policies),
         # best_fn makes orbax persist each step's metrics next to it, so
@@ -70,7 +74,6 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         read_only=read_only,
       ),
-      item_names=("state", "data"),
     )
 
   def latest_step(self) -> int | None:
@@ -98,7 +101,7 @@ class Checkpointer:
     self._manager.save(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.PyTreeSave(state),
         data=ocp.args.JsonSave(dict(data_state)),
       ),
       metrics=dict(metrics or {}),
@@ -112,7 +115,12 @@ class Checkpointer:
     restored = self._manager.restore(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
+        state=ocp.args.PyTreeRestore(
+          abstract_state,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(
+            abstract_state
+          ),
+        ),
         data=ocp.args.JsonRestore(),
       ),
     )
@@ -144,6 +152,27 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  """Orbax's pytree handler, writing every array from a single replica
+  except on TPU.
+
+  Elsewhere orbax's default splits each replicated array into one slice per
+  replica (a small jitted program per array and device) except on GPU: with
+  8 CPU devices, every save of the tiny model took 1-3 s (6 s the first
+  time in a process) instead of 0.1-0.3 s.
+  """
+  array = ocp.type_handlers.ArrayHandler(
+    use_replica_parallel=jax.default_backend() == "tpu"
+  )
+  registry = ocp.type_handlers.create_type_handler_registry(
+    *(
+      (t, array if t is jax.Array else ocp.type_handlers.get_type_handler(t))
+      for t in ocp.type_handlers.supported_types()
+    )
+  )
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def merge_params(

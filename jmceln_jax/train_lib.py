@@ -72,13 +72,21 @@ def init_state(
   variables = model.init(
     init_rng, *dummy_inputs(1, image_size, max_len), train=False
   )
+  return state_from_variables(variables, state_rng, tx=tx)
+
+
+def state_from_variables(
+  variables: PyTree, rng: jax.Array, *, tx: optax.GradientTransformation
+) -> TrainState:
+  """The step-0 state around model variables ({"params"[, "batch_stats"]})
+  with a fresh optimiser state; `rng` is a typed PRNG key."""
   params = variables["params"]
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     batch_stats=variables.get("batch_stats", {}),
     opt_state=tx.init(params),
-    rng=jax.random.key_data(state_rng),
+    rng=jax.random.key_data(rng),
   )
 
 
@@ -176,8 +184,8 @@ def train_step(
   )
   out = dict(terms)
   out["lr"] = schedule(state.step)
-  out["grad_norm"] = optax.global_norm(grads)
-  out["param_norm"] = optax.global_norm(params)
+  out["grad_norm"] = optax.tree.norm(grads)
+  out["param_norm"] = optax.tree.norm(params)
   return new_state, out
 
 

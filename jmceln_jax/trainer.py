@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -33,6 +34,12 @@ from jmceln_jax.models import clip as clip_lib
 from jmceln_jax.models import jmceln
 
 BEST_METRIC = "val/original/mIoU"
+# Initialisation runs once: compile it fast (XLA CPU spends most of a default
+# compile optimising the many random initialisers).
+FAST_COMPILE = {
+  "xla_backend_optimization_level": 0,
+  "xla_llvm_disable_expensive_passes": True,
+}
 # Parameters that converted CLIP weights never provide: the whole decoder
 # and the dense attention pool's new `connect` branch.
 NEW_PARAMS = (r"(?!clip/).*", r"clip/visual/attnpool/connect.*")
@@ -63,24 +70,42 @@ def maybe_initialize_distributed() -> None:
     any(k in os.environ for k in cluster)
     and not jax.distributed.is_initialized()
   ):
-    jax.distributed.initialize()
+    # jax reads the coordinator's address from the environment itself, but
+    # not the process count and id (it only auto-detects known clusters).
+    explicit = {
+      arg: int(os.environ[var])
+      for arg, var in (
+        ("num_processes", "JAX_NUM_PROCESSES"),
+        ("process_id", "JAX_PROCESS_ID"),
+      )
+      if var in os.environ
+    }
+    jax.distributed.initialize(**explicit)
 
 
 def build_setup(
-  config: ml_collections.ConfigDict, num_train_refs: int
+  config: ml_collections.ConfigDict,
+  num_train_refs: int,
+  devices: Sequence[jax.Device] | None = None,
 ) -> Setup:
-  """Model, mesh, optimiser and the abstract, sharded train state."""
+  """Model, mesh, optimiser and the abstract, sharded train state.
+
+  Args:
+    config: the run's config.
+    num_train_refs: refs of the training split (for steps per epoch).
+    devices: the mesh's devices; default all (`jax.devices()`).
+  """
   model = jmceln.build_model(config.model)
-  mesh = sharding.create_mesh(config.mesh)
+  mesh = sharding.create_mesh(config.mesh, devices)
   steps_per_epoch = max(num_train_refs // config.input.global_batch_size, 1)
   total = config.total_steps or config.num_epochs * steps_per_epoch
   dummy = train_lib.dummy_inputs(
     1, config.input.image_size, config.input.max_len
   )
-  params = jax.eval_shape(
+  variables = jax.eval_shape(
     functools.partial(model.init, train=False), jax.random.key(0), *dummy
-  )["params"]
-  tx, schedule = optim.make_optimizer(config.optim, params, total)
+  )
+  tx, schedule = optim.make_optimizer(config.optim, variables["params"], total)
   init_fn = functools.partial(
     train_lib.init_state,
     model=model,
@@ -88,7 +113,12 @@ def build_setup(
     image_size=config.input.image_size,
     max_len=config.input.max_len,
   )
-  abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
+  # The state init_fn makes, without tracing the model a second time.
+  abstract = jax.eval_shape(
+    functools.partial(train_lib.state_from_variables, tx=tx),
+    variables,
+    jax.random.key(config.seed),
+  )
   shardings = sharding.tree_shardings(abstract, mesh, config.shard_min_size)
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -144,6 +174,39 @@ def load_clip_weights(
   )
 
 
+def initial_state(
+  config: ml_collections.ConfigDict, setup: Setup
+) -> train_lib.TrainState:
+  """A fresh, sharded state: random init (seed `config.seed`), then the
+  converted CLIP weights of `config.init.clip_dir` if set."""
+  key = jax.random.key(config.seed)
+  init = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)
+  state = init.lower(key).compile(compiler_options=FAST_COMPILE)(key)
+  if config.init.clip_dir:
+    state = load_clip_weights(state, config.init.clip_dir, config)
+  return state
+
+
+def jit_train_step(
+  config: ml_collections.ConfigDict, setup: Setup
+) -> Callable[..., tuple[train_lib.TrainState, dict[str, jax.Array]]]:
+  """`train_lib.train_step` jitted over the mesh: (state, global batch) ->
+  (state, replicated metrics); the input state is donated."""
+  return jax.jit(
+    functools.partial(
+      train_lib.train_step,
+      model=setup.model,
+      tx=setup.tx,
+      schedule=setup.schedule,
+      loss_cfg=config.loss,
+      accum_steps=config.optim.grad_accum_steps,
+    ),
+    in_shardings=(setup.state_shardings, sharding.batch_sharding(setup.mesh)),
+    out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+    donate_argnums=(0,),
+  )
+
+
 def _log_line(step, total, epoch, scalars, rate, eta) -> str:
   return (
     f"step {step}/{total} | epoch {epoch:.2f} | loss {scalars['loss']:.4f} | "
@@ -167,15 +230,18 @@ class _Pending:
     self.items.append((step, m))
 
   def fetch(self) -> dict[str, float]:
-    """Means of the pending metrics; raises at the first non-finite loss."""
+    """Means of the pending metrics; raises at the first step whose loss or
+    updated parameters (their norm) are not finite: a finite loss can still
+    come with NaN gradients, and that step's parameters must not be saved."""
     host = jax.device_get(self.items)
     self.items = []
     for step, m in host:
-      if not np.isfinite(m["loss"]):
+      if not (np.isfinite(m["loss"]) and np.isfinite(m["param_norm"])):
         self.ckpt.wait()
         raise FloatingPointError(
-          f"Loss is {m['loss']} at step {step}; stopping. The last good "
-          f"checkpoint (step {self.ckpt.latest_step()}) is kept in "
+          f"Training diverged at step {step} (loss {m['loss']}, parameter "
+          f"norm after the update {m['param_norm']}); stopping. The last "
+          f"good checkpoint (step {self.ckpt.latest_step()}) is kept in "
           f"{self.dir}. Lower --config.optim.lr or set "
           "--config.optim.grad_clip_norm."
         )
@@ -212,6 +278,7 @@ def train_and_evaluate(
       num_workers=cfg_in.num_workers,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      augment=cfg_in.augment,
     )
   )
   latest = ckpt.latest_step()
@@ -220,32 +287,18 @@ def train_and_evaluate(
     train_iter.set_state(data_state["train"])
     print(f"Resumed from {ckpt_dir} at step {latest}.")
   else:
-    state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(
-      jax.random.key(config.seed)
-    )
-    if config.init.clip_dir:
-      state = load_clip_weights(state, config.init.clip_dir, config)
+    state = initial_state(config, setup)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
   print(
     f"{jax.device_count()} devices, mesh {dict(mesh.shape)}; global batch "
     f"{cfg_in.global_batch_size} = {cfg_in.global_batch_size // mesh.devices.size}"
     f" per device; {setup.steps_per_epoch} steps/epoch, {total} steps."
   )
-  p_train = jax.jit(
-    functools.partial(
-      train_lib.train_step,
-      model=setup.model,
-      tx=setup.tx,
-      schedule=setup.schedule,
-      loss_cfg=config.loss,
-      accum_steps=config.optim.grad_accum_steps,
-    ),
-    in_shardings=(setup.state_shardings, sharding.batch_sharding(mesh)),
-    out_shardings=(setup.state_shardings, sharding.replicated(mesh)),
-    donate_argnums=(0,),
-  )
+  p_train = jit_train_step(config, setup)
   evaluator = evaluation.Evaluator(
     setup.model, mesh, setup.state_shardings, cfg_in
   )
