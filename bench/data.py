@@ -18,10 +18,8 @@ versions as JSON. `--tiny` runs a few-second smoke version.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import io
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ from absl import flags
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from bench import common
 from data_prep import prepare, shards
 from jmceln_jax.data import pipeline
 
@@ -200,19 +199,6 @@ def measure(
   )
 
 
-def hardware() -> dict[str, Any]:
-  """CPU count, platform, Python and package versions, load average."""
-  return dict(
-    cpu_count=os.cpu_count(),
-    usable_cpus=len(os.sched_getaffinity(0)),
-    machine=platform.machine(),
-    platform=platform.platform(),
-    python=sys.version.split()[0],
-    load_average=os.getloadavg(),
-    versions={p: importlib.metadata.version(p) for p in _PACKAGES},
-  )
-
-
 def _dataset(
   kind: str,
   args: argparse.Namespace,
@@ -245,18 +231,22 @@ def run(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
   index = pipeline.expression_index(data_dir, SPLIT)
   # A long enough evaluation stream for the warm-up and the measurement.
   index = np.tile(index, (-(-50_000 // len(index)), 1))
-  print(f"{'pipeline':<9}{'workers':>8}{'startup_s':>11}{'samples/s':>12}")
+  table = common.Table(
+    [
+      ("pipeline", "pipeline", "s"),
+      ("workers", "workers", "d"),
+      ("startup_s", "startup_s", ".2f"),
+      ("samples_per_s", "samples/s", ".1f"),
+    ]
+  )
+  table.header()
   results = []
   for workers in args.workers:
     for kind in ("train", "eval"):
       ds = _dataset(kind, args, data_dir, workers, index)
       r = measure(ds, args.batch, args.seconds, args.warmup)
       results.append(dict(pipeline=kind, workers=workers, **r))
-      print(
-        f"{kind:<9}{workers:>8}{r['startup_s']:>11.2f}"
-        f"{r['samples_per_s']:>12.1f}",
-        flush=True,
-      )
+      table.row(results[-1])
   settings = {k: getattr(args, k) for k in _SETTINGS}
   return dict(
     settings=dict(settings, eval_canvas=EVAL_CANVAS),
@@ -267,18 +257,6 @@ def run(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
     ),
     results=results,
   )
-
-
-def _workers(value: str) -> list[int]:
-  try:
-    out = [int(v) for v in value.split(",") if v.strip()]
-  except ValueError:
-    out = []
-  if not out or min(out) < 0:
-    raise argparse.ArgumentTypeError(
-      f"--workers wants comma-separated counts >= 0, e.g. 0,1,2; got {value!r}"
-    )
-  return out
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -292,7 +270,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--image_size", type=int, default=416, help="network side S")
   p.add_argument("--max_len", type=int, default=30, help="token length L")
   p.add_argument(
-    "--workers", type=_workers, default=[0, 1, 2], help="grain worker counts"
+    "--workers",
+    type=common.int_list("--workers", minimum=0),
+    default=[0, 1, 2],
+    help="grain worker counts",
   )
   p.add_argument("--batch", type=int, default=10, help="per-process batch")
   p.add_argument(
@@ -322,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point (see the module docstring)."""
   args = parse_args(argv)
   flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags.
-  info = hardware()
+  info = common.hardware(_PACKAGES)
   print(
     f"{info['usable_cpus']} usable CPUs, load {info['load_average'][0]:.1f}; "
     f"S={args.image_size}, batch {args.batch}, samples/s over "
@@ -332,9 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = run(args, data_dir)
   info["load_average_after"] = os.getloadavg()
   out["hardware"] = info
-  if args.json:
-    shards.write_json_atomic(args.json, out)
-    print(f"Wrote {args.json}")
+  common.save_json(args.json, out)
   return 0
 
 

@@ -35,7 +35,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
@@ -397,6 +397,9 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax logs every checkpoint operation at INFO; --verbosity=0 shows it.
+    logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   try:
     out = evaluate_workdir(

@@ -126,7 +126,7 @@ def param_counts(params: PyTree, depth: int = 1) -> dict[str, int]:
   return {k: counts[k] for k in sorted(counts, key=order)}
 
 
-def _cost(compiled: Any, key: str) -> float:
+def xla_cost(compiled: Any, key: str) -> float:
   """One entry of XLA's cost analysis (a dict, or a list of one dict)."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, list | tuple):
@@ -165,7 +165,7 @@ def forward_gflops(
     batch["tokens"],
     what="forward pass",
   )
-  return _cost(compiled, "flops") / 1e9
+  return xla_cost(compiled, "flops") / 1e9
 
 
 def select_devices(count: int | None) -> list[jax.Device]:
@@ -230,7 +230,7 @@ def train_step_cost(
     - mem.alias_size_in_bytes
   ) / GIB
   # XLA's cost analysis covers one device's partition of the program.
-  per_step = _cost(compiled, "flops") * len(devices) / 1e9
+  per_step = xla_cost(compiled, "flops") * len(devices) / 1e9
   sizes["GFLOPs per step"] = per_step
   sizes["GFLOPs per image"] = per_step / global_batch
   sizes["compile time (s)"] = seconds

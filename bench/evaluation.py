@@ -1,0 +1,251 @@
+r"""Evaluation throughput: the Evaluator's expressions/s next to the input
+pipeline's evaluation samples/s.
+
+  python -m bench.evaluation --config configs/synthetic.py --num_images 1000 \
+      --repeats 3 --json bench_evaluation.json
+
+generates the synthetic referring dataset (data_prep.synthetic converted by
+data_prep.refcoco, as the synthetic training run does) in a temporary
+directory, or uses a prepared --data_dir, and builds the model and a random
+state as the trainer does (`trainer.build_setup` + `trainer.initial_state`).
+Then it scores the split (default `input.val_split`) with
+`jmceln_jax.evaluation.Evaluator`, the validation and test path itself
+(pipeline, jitted sharded evaluation step, I/U in both conventions, host
+accumulation): the first pass (compile included), then the median of
+--repeats passes, as expressions/s. Next to it, full passes of the input
+pipeline alone (`pipeline.eval_dataset` with the same batch, canvas and
+workers) as samples/s. When the pipeline is not much faster than the
+evaluator, evaluation is input-bound. `--tiny` runs configs/tiny.py in
+under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+
+from bench import common
+from jmceln_jax import evaluation, summary, trainer
+from jmceln_jax.data import datasets, pipeline
+
+_PACKAGES = (*common.JAX_PACKAGES, "grain", "array-record")
+_CONFIGS = {
+  False: os.path.join(common.ROOT, "configs", "synthetic.py"),
+  True: os.path.join(common.ROOT, "configs", "tiny.py"),
+}
+_TINY = dict(num_images=24, repeats=1)
+
+
+def eval_config(
+  args: argparse.Namespace, devices: int
+) -> ml_collections.ConfigDict:
+  """The --config with the flags' overrides of its `input` section."""
+  config = common.load_config(args.config)
+  cfg = config.input
+  cfg.eval_batch_size = args.batch or cfg.eval_batch_size
+  cfg.num_workers = cfg.num_workers if args.workers is None else args.workers
+  if cfg.eval_batch_size % devices:
+    raise ValueError(
+      f"The evaluation batch {cfg.eval_batch_size} is not divisible by "
+      f"{devices} devices; pass --batch or --devices."
+    )
+  return config
+
+
+def pipeline_pass(
+  data_dir: str, split: str, cfg: ml_collections.ConfigDict
+) -> int:
+  """One full pass over the evaluation pipeline (workers started anew, as
+  in every Evaluator.run); returns the number of batches."""
+  dataset, _ = pipeline.eval_dataset(
+    data_dir,
+    split,
+    image_size=cfg.image_size,
+    max_len=cfg.max_len,
+    global_batch_size=cfg.eval_batch_size,
+    canvas=cfg.max_eval_size,
+    vocab=cfg.vocab,
+    num_workers=cfg.num_workers,
+  )
+  iterator = iter(dataset)
+  try:
+    return sum(1 for _ in iterator)
+  finally:
+    iterator.close()
+
+
+def measure(
+  config: ml_collections.ConfigDict,
+  data_dir: str,
+  split: str,
+  devices: Sequence[jax.Device],
+  *,
+  repeats: int,
+  progress: bool,
+) -> dict[str, Any]:
+  """Times Evaluator.run and the bare pipeline on one split.
+
+  Returns:
+    {"expressions", "batches", "first_pass_s", "evaluator": time_calls
+    stats of a pass, "pipeline": the same for the pipeline alone,
+    "expressions_per_s", "pipeline_samples_per_s"}.
+  """
+  setup = trainer.build_setup(config, config.input.global_batch_size, devices)
+  state = trainer.initial_state(config, setup)
+  evaluator = evaluation.Evaluator(
+    setup.model, setup.mesh, setup.state_shardings, config.input
+  )
+
+  def evaluate() -> dict[str, Any]:
+    return evaluator.run(state, data_dir, split, progress=progress)
+
+  start = time.perf_counter()
+  n = evaluate()["expressions"]
+  first = time.perf_counter() - start
+  stats = common.time_calls(evaluate, warmup=0, repeats=repeats)
+  batches = pipeline_pass(data_dir, split, config.input)
+  alone = common.time_calls(
+    lambda: pipeline_pass(data_dir, split, config.input),
+    warmup=0,
+    repeats=repeats,
+  )
+  return dict(
+    expressions=n,
+    batches=batches,
+    first_pass_s=first,
+    evaluator=stats,
+    pipeline=alone,
+    expressions_per_s=1e3 * n / stats["median_ms"],
+    # Padded examples of the last batch count: the pipeline makes them.
+    pipeline_samples_per_s=(
+      1e3 * batches * config.input.eval_batch_size / alone["median_ms"]
+    ),
+  )
+
+
+def run(args: argparse.Namespace, work_dir: str) -> dict[str, Any]:
+  """Prepares the data (unless --data_dir) and measures; see module doc."""
+  devices = summary.select_devices(args.devices)
+  config = eval_config(args, len(devices))
+  cfg = config.input
+  split = args.split or cfg.val_split
+  data_dir = args.data_dir or datasets.prepare_synthetic(
+    work_dir,
+    num_images=args.num_images,
+    seed=cfg.synthetic_seed,
+    splits=[split],
+    num_workers=cfg.num_workers,
+  )
+  r = measure(
+    config,
+    data_dir,
+    split,
+    devices,
+    repeats=args.repeats,
+    progress=not args.tiny,
+  )
+  table = common.Table(
+    [
+      ("split", "split", "s"),
+      ("expressions", "expressions", "d"),
+      ("batch", "batch", "d"),
+      ("workers", "workers", "d"),
+      ("first_pass_s", "1st pass s", ".2f"),
+      ("expressions_per_s", "Evaluator expr/s", ".1f"),
+      ("pipeline_samples_per_s", "pipeline samples/s", ".1f"),
+    ]
+  )
+  table.header()
+  table.row(
+    dict(r, split=split, batch=cfg.eval_batch_size, workers=cfg.num_workers)
+  )
+  return dict(
+    settings={k: v for k, v in vars(args).items() if k != "json"},
+    data=dict(data_dir=args.data_dir or "synthetic (temporary)", split=split),
+    model=dict(
+      image_size=cfg.image_size,
+      max_len=cfg.max_len,
+      eval_batch_size=cfg.eval_batch_size,
+      canvas=cfg.max_eval_size,
+      num_workers=cfg.num_workers,
+      devices=len(devices),
+    ),
+    results=r,
+  )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  """The command-line flags (see the module docstring)."""
+  p = argparse.ArgumentParser(
+    prog="python -m bench.evaluation",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  p.add_argument(
+    "--config",
+    help="config file[:variant] (default: configs/synthetic.py, with --tiny "
+    "configs/tiny.py)",
+  )
+  p.add_argument(
+    "--data_dir",
+    help="a prepared data directory to score instead of generated data",
+  )
+  p.add_argument(
+    "--num_images",
+    type=int,
+    default=1000,
+    help="synthetic images to generate (8%% of them form each eval split)",
+  )
+  p.add_argument("--split", help="split to score (default: input.val_split)")
+  p.add_argument(
+    "--batch", type=int, help="global eval batch (default: the config's)"
+  )
+  p.add_argument(
+    "--workers", type=int, help="grain workers (default: the config's)"
+  )
+  p.add_argument(
+    "--devices", type=int, help="devices of the mesh (default: all)"
+  )
+  p.add_argument("--repeats", type=int, default=3, help="timed passes")
+  p.add_argument("--json", help="also write the results to this JSON file")
+  p.add_argument(
+    "--tiny",
+    action="store_true",
+    help=f"configs/tiny.py smoke run; overrides {sorted(_TINY)}",
+  )
+  args = p.parse_args(argv)
+  if args.tiny:
+    vars(args).update(_TINY)
+  args.config = args.config or _CONFIGS[args.tiny]
+  if args.repeats < 1 or (args.batch is not None and args.batch < 1):
+    p.error("Need --repeats >= 1 and --batch >= 1.")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point (see the module docstring)."""
+  args = parse_args(argv)
+  info = common.hardware(_PACKAGES) | common.jax_devices()
+  print(
+    f"{info['usable_cpus']} usable CPUs, load {info['load_average'][0]:.1f}; "
+    f"{info['device_count']} x {info['device_kind']}; {args.config}; median "
+    f"of {args.repeats} passes"
+  )
+  with tempfile.TemporaryDirectory(prefix="bench_evaluation_") as work_dir:
+    out = run(args, work_dir)
+  info["load_average_after"] = os.getloadavg()
+  out["hardware"] = info
+  common.save_json(args.json, out)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

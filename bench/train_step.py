@@ -1,0 +1,368 @@
+r"""The full JMCELN training step: speed, FLOPs, MFU, compile time, memory.
+
+  python -m bench.train_step --config configs/refcoco.py --per_device_batch 1 \
+      --dtype float32,bfloat16 --json bench_train_step.json
+
+For each compute dtype (`config.model.dtype`; parameters stay float32) it
+runs the trainer's exact step (`trainer.build_setup` + `trainer.jit_train_step`:
+loss, gradients, the config's optimiser, mesh and sharding, donated state)
+from a random init on a random batch of --per_device_batch examples per
+device, and reports:
+
+- compile time, per-device memory (arguments + outputs + temporaries -
+  aliased) and FLOPs per sample, all from `jmceln_jax.summary.train_step_cost`
+  (XLA's memory and cost analysis of the compiled step: what
+  `python -m jmceln_jax.summary` prints);
+- the first step's time (its compile is served from a persistent compilation
+  cache: a temporary one unless JAX already has one), then the median step
+  time over --steps steps after --warmup steps, as steps/s and samples/s;
+- achieved FLOP/s per device and MFU: achieved / the peak matmul FLOP/s of
+  the same dtype measured in the same run on the same device (a jitted
+  square matmul, --matmul_size, FLOPs from its own cost analysis).
+
+Runs on JAX's default backend (a GPU when there is one). On CPU the paper
+config takes tens of seconds per example and step, hence the small default
+batch. `--tiny` runs configs/tiny.py (minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
+
+from bench import common
+from jmceln_jax import sharding, summary, trainer
+
+_PACKAGES = common.JAX_PACKAGES
+_MATMUL_WARMUP, _MATMUL_REPEATS = 1, 5
+_CONFIGS = {
+  False: os.path.join(common.ROOT, "configs", "refcoco.py"),
+  True: os.path.join(common.ROOT, "configs", "tiny.py"),
+}
+_TINY = dict(
+  per_device_batch=2,
+  steps=2,
+  warmup=1,
+  matmul_size=256,
+)
+# summary.train_step_cost's memory entries -> JSON keys.
+_MEMORY = {
+  "arguments (GiB)": "arguments",
+  "outputs (GiB)": "outputs",
+  "temporaries (GiB)": "temporaries",
+  "aliased (GiB)": "aliased",
+  "peak estimate (GiB)": "peak",
+}
+
+
+@contextlib.contextmanager
+def compilation_cache_dir() -> Iterator[None]:
+  """A temporary persistent compilation cache, unless one is configured.
+
+  `summary.train_step_cost` compiles the step ahead of time and keeps no
+  executable; the trainer's jit then finds the same program in the cache
+  instead of compiling it again (minutes for the paper config on CPU).
+  """
+  if jax.config.jax_compilation_cache_dir:
+    yield
+    return
+  with tempfile.TemporaryDirectory(prefix="bench_train_step_cache_") as d:
+    jax.config.update("jax_compilation_cache_dir", d)
+    try:
+      yield
+    finally:
+      jax.config.update("jax_compilation_cache_dir", None)
+      compilation_cache.reset_cache()
+
+
+def matmul_peak(size: int, dtype: str, device: jax.Device) -> dict[str, Any]:
+  """Throughput of a jitted [size, size] @ [size, size] in `dtype`.
+
+  Returns:
+    {"size", "gflops" (XLA's count), "median_ms", "min_ms", "repeats",
+    "tflops_per_s" (at the median)}.
+  """
+  rng = np.random.default_rng(0)
+  a, b = (
+    jax.device_put(rng.standard_normal((size, size)).astype(dtype), device)
+    for _ in range(2)
+  )
+  compiled = jax.jit(lambda x, y: x @ y).lower(a, b).compile()
+  stats = common.time_calls(
+    lambda: jax.block_until_ready(compiled(a, b)),
+    warmup=_MATMUL_WARMUP,
+    repeats=_MATMUL_REPEATS,
+  )
+  flops = common.xla_flops(compiled)
+  return dict(
+    stats,
+    size=size,
+    gflops=flops / 1e9,
+    tflops_per_s=flops / stats["median_ms"] / 1e9,
+  )
+
+
+def step_config(
+  config: ml_collections.ConfigDict,
+  *,
+  dtype: str,
+  remat: bool | None,
+  global_batch: int,
+) -> ml_collections.ConfigDict:
+  """A copy of `config` with the compute dtype, the global batch and, unless
+  None, remat."""
+  config = config.copy_and_resolve_references()
+  config.model.dtype = dtype
+  if remat is not None:
+    config.model.remat = remat
+  config.input.global_batch_size = global_batch
+  return config
+
+
+def random_batch(
+  config: ml_collections.ConfigDict, batch: int, seed: int
+) -> dict[str, np.ndarray]:
+  """A host training batch like the pipeline's, with random content.
+
+  Returns:
+    "image" [B, S, S, 3] uint8, "tokens" [B, L] int32, "target" [B, S, S]
+    uint8 in {0, 1}.
+  """
+  rng = np.random.default_rng(seed)
+  size = config.input.image_size
+  return dict(
+    image=rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+    tokens=common.random_tokens(
+      rng, batch, config.input.max_len, config.model.clip.vocab_size
+    ),
+    target=rng.integers(0, 2, (batch, size, size), dtype=np.uint8),
+  )
+
+
+def measure_step(
+  config: ml_collections.ConfigDict,
+  devices: Sequence[jax.Device],
+  *,
+  steps: int,
+  warmup: int,
+  seed: int,
+) -> dict[str, Any]:
+  """Cost analysis, then timed steps of the trainer's step for `config`.
+
+  Returns:
+    {"compile_s", "first_step_s", "step": time_calls stats, "gflops_per_step"
+    (all devices), "gflops_per_sample", "memory_gib": per device, "loss"
+    (the last step's, a sanity check)}.
+  """
+  cost = summary.train_step_cost(config, devices)
+  global_batch = config.input.global_batch_size
+  # As in train_step_cost: the schedule's length is part of the program.
+  setup = trainer.build_setup(config, global_batch, devices)
+  state = trainer.initial_state(config, setup)
+  step = trainer.jit_train_step(config, setup)
+  batch = sharding.host_to_global(
+    random_batch(config, global_batch, seed), setup.mesh
+  )
+  last = {"state": state}
+
+  def one_step():
+    last["state"], last["metrics"] = step(last["state"], batch)
+    jax.block_until_ready((last["state"], last["metrics"]))
+
+  start = time.perf_counter()
+  one_step()
+  first = time.perf_counter() - start
+  stats = common.time_calls(one_step, warmup=warmup, repeats=steps)
+  return dict(
+    compile_s=cost["compile time (s)"],
+    first_step_s=first,
+    step=stats,
+    gflops_per_step=cost["GFLOPs per step"],
+    gflops_per_sample=cost["GFLOPs per image"],
+    memory_gib={v: cost[k] for k, v in _MEMORY.items()},
+    loss=float(jax.device_get(last["metrics"]["loss"])),
+  )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  """Measures the matmul peaks, then the step for every dtype."""
+  base = common.load_config(args.config)
+  devices = summary.select_devices(args.devices)
+  n = len(devices)
+  global_batch = args.per_device_batch * n
+  matmul = {}
+  mm_table = common.Table(
+    [
+      ("dtype", "matmul dtype", "s"),
+      ("size", "size", "d"),
+      ("median_ms", "ms", ".1f"),
+      ("tflops_per_s", "TFLOP/s", ".3f"),
+    ]
+  )
+  mm_table.header()
+  for dtype in args.dtype:
+    matmul[dtype] = matmul_peak(args.matmul_size, dtype, devices[0])
+    mm_table.row(dict(matmul[dtype], dtype=dtype))
+  table = common.Table(
+    [
+      ("dtype", "step dtype", "s"),
+      ("remat", "remat", ""),
+      ("global_batch", "batch", "d"),
+      ("compile_s", "compile s", ".1f"),
+      ("first_step_s", "1st step s", ".1f"),
+      ("step_ms", "step ms", ".1f"),
+      ("samples_per_s", "samples/s", ".3g"),
+      ("gflops_per_sample", "GFLOP/sample", ".4g"),
+      ("achieved", "TFLOP/s/dev", ".3f"),
+      ("mfu_percent", "MFU %", ".1f"),
+      ("peak_gib", "GiB/dev", ".2f"),
+    ]
+  )
+  print()
+  table.header()
+  results = []
+  for dtype in args.dtype:
+    config = step_config(
+      base, dtype=dtype, remat=args.remat, global_batch=global_batch
+    )
+    r = measure_step(
+      config, devices, steps=args.steps, warmup=args.warmup, seed=args.seed
+    )
+    step_s = r["step"]["median_ms"] / 1e3
+    achieved = r["gflops_per_step"] / n / step_s / 1e3  # TFLOP/s per device
+    r.update(
+      dtype=dtype,
+      remat=config.model.remat,
+      devices=n,
+      global_batch=global_batch,
+      steps_per_s=1 / step_s,
+      samples_per_s=global_batch / step_s,
+      achieved_tflops_per_device=achieved,
+      peak_tflops_per_device=matmul[dtype]["tflops_per_s"],
+      mfu=achieved / matmul[dtype]["tflops_per_s"],
+    )
+    results.append(r)
+    table.row(
+      dict(
+        r,
+        step_ms=r["step"]["median_ms"],
+        achieved=achieved,
+        mfu_percent=100 * r["mfu"],
+        peak_gib=r["memory_gib"]["peak"],
+      )
+    )
+  return dict(
+    settings={k: v for k, v in vars(args).items() if k != "json"},
+    model=dict(
+      image_size=base.input.image_size,
+      max_len=base.input.max_len,
+      mesh=dict(base.mesh),
+      grad_accum_steps=base.optim.grad_accum_steps,
+    ),
+    matmul=matmul,
+    results=results,
+  )
+
+
+def _dtypes(value: str) -> list[str]:
+  out = [v.strip() for v in value.split(",") if v.strip()]
+  if not out or not set(out) <= {"float32", "bfloat16"}:
+    raise argparse.ArgumentTypeError(
+      f"--dtype wants float32 and/or bfloat16, comma-separated; got {value!r}"
+    )
+  return out
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  """The command-line flags (see the module docstring)."""
+  p = argparse.ArgumentParser(
+    prog="python -m bench.train_step",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  p.add_argument(
+    "--config",
+    help="config file[:variant] (default: configs/refcoco.py, with --tiny "
+    "configs/tiny.py), e.g. configs/refcoco.py:wo_pan",
+  )
+  p.add_argument(
+    "--per_device_batch",
+    type=int,
+    default=1,
+    help="examples per device and step (the paper: 10 on an A100)",
+  )
+  p.add_argument(
+    "--dtype",
+    type=_dtypes,
+    default=["float32", "bfloat16"],
+    help="compute dtypes (config.model.dtype), comma-separated",
+  )
+  p.add_argument(
+    "--remat",
+    action=argparse.BooleanOptionalAction,
+    help="rematerialise the cascade stages (config.model.remat; default: "
+    "the config's)",
+  )
+  p.add_argument(
+    "--devices",
+    type=int,
+    help="devices of the mesh (default: all of JAX's default backend)",
+  )
+  p.add_argument("--steps", type=int, default=3, help="timed steps")
+  p.add_argument(
+    "--warmup", type=int, default=1, help="untimed steps after the first"
+  )
+  p.add_argument(
+    "--matmul_size",
+    type=int,
+    help="side of the peak-FLOP/s matmul (default: 2048 on CPU, else 8192)",
+  )
+  p.add_argument("--seed", type=int, default=0, help="batch contents")
+  p.add_argument("--json", help="also write the results to this JSON file")
+  p.add_argument(
+    "--tiny",
+    action="store_true",
+    help=f"configs/tiny.py smoke run; overrides {sorted(_TINY)}",
+  )
+  args = p.parse_args(argv)
+  if args.tiny:
+    vars(args).update(_TINY)
+  args.config = args.config or _CONFIGS[args.tiny]
+  if args.matmul_size is None:
+    args.matmul_size = 2048 if jax.default_backend() == "cpu" else 8192
+  if min(args.per_device_batch, args.steps, args.matmul_size) < 1:
+    p.error("Need --per_device_batch, --steps and --matmul_size >= 1.")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point (see the module docstring)."""
+  args = parse_args(argv)
+  info = common.hardware(_PACKAGES) | common.jax_devices()
+  print(
+    f"{info['usable_cpus']} usable CPUs, load {info['load_average'][0]:.1f}; "
+    f"{info['device_count']} x {info['device_kind']}; {args.config}, "
+    f"{args.per_device_batch} per device; median of "
+    f"{args.steps} steps"
+  )
+  with compilation_cache_dir():
+    out = run(args)
+  info["load_average_after"] = os.getloadavg()
+  out["hardware"] = info
+  common.save_json(args.json, out)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,100 @@
+"""Smoke tests of the benchmark scripts: each runs its --tiny mode in-process
+and the JSON it writes must hold positive measurements (no timed asserts).
+
+bench/data.py's smoke test is in tests/test_pipeline.py.
+"""
+
+import json
+import math
+import os
+
+import pytest
+
+from bench import common, encoders, evaluation, train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(main, tmp_path, *argv):
+  path = tmp_path / "out.json"
+  assert main(["--tiny", "--json", str(path), *argv]) == 0
+  out = json.loads(path.read_text())
+  assert out["hardware"]["usable_cpus"] >= 1
+  assert out["settings"]["tiny"] is True
+  return out
+
+
+def test_encoders_tiny(tmp_path, capsys):
+  out = _run(encoders.main, tmp_path)
+  rows = {(r["encoder"], r["form"], r["batch"]): r for r in out["results"]}
+  assert set(rows) == {
+    ("image", "pooled", 1),
+    ("image", "pooled", 2),
+    ("image", "dense", 1),
+    ("image", "dense", 2),
+    ("text", "sentence", 2),
+  }
+  for r in rows.values():
+    assert r["jax"]["median_ms"] > 0 and r["jax"]["compile_s"] > 0
+    assert r["gflops_per_sample"] > 0
+  layouts = {"image": {"nchw", "channels_last"}, "text": {"default"}}
+  if encoders.openai_clip_module() is None:
+    assert out["torch"] == "missing"
+  else:
+    for (encoder, form, _), r in rows.items():
+      expected = set() if form == "dense" else layouts[encoder]
+      assert set(r["torch"]) == expected
+      for t in r["torch"].values():
+        # Same weights, same inputs: the outputs agree.
+        assert t["max_abs_diff"] <= 1e-4 * max(t["torch_max_abs"], 1.0)
+        assert t["ratio"] == pytest.approx(
+          r["jax"]["median_ms"] / t["median_ms"]
+        )
+  assert "JAX/torch" in capsys.readouterr().out
+
+
+def test_train_step_tiny(tmp_path, capsys):
+  config = os.path.join(ROOT, "configs", "tiny.py:baseline")
+  out = _run(
+    train_step.main,
+    tmp_path,
+    *("--config", config, "--dtype", "float32", "--devices", "1"),
+  )
+  assert out["matmul"]["float32"]["gflops"] == pytest.approx(2 * 256**3 / 1e9)
+  assert out["matmul"]["float32"]["tflops_per_s"] > 0
+  (r,) = out["results"]
+  assert (r["dtype"], r["global_batch"], r["devices"]) == ("float32", 2, 1)
+  for key in ("compile_s", "first_step_s", "samples_per_s", "mfu"):
+    assert r[key] > 0, key
+  assert r["gflops_per_step"] == pytest.approx(2 * r["gflops_per_sample"])
+  assert r["mfu"] == pytest.approx(
+    r["achieved_tflops_per_device"] / r["peak_tflops_per_device"]
+  )
+  assert 0 < r["memory_gib"]["peak"] < 1
+  assert math.isfinite(r["loss"])
+  assert "MFU %" in capsys.readouterr().out
+
+
+def test_evaluation_tiny(tmp_path, capsys):
+  out = _run(evaluation.main, tmp_path, "--devices", "2")
+  r = out["results"]
+  assert r["expressions"] > 0 and r["batches"] >= 1
+  assert r["expressions_per_s"] > 0 and r["pipeline_samples_per_s"] > 0
+  assert out["model"]["devices"] == 2
+  assert "Evaluator expr/s" in capsys.readouterr().out
+
+
+def test_common_helpers(capsys):
+  table = common.Table([("name", "name", "s"), ("ms", "ms", ".1f")])
+  table.header()
+  table.row({"name": "a", "ms": 1.26})
+  table.row({"name": "b"})
+  # Columns are 8 wide (titles + 2, at least 8); the first is left-aligned.
+  assert capsys.readouterr().out.splitlines() == [
+    "name" + " " * 10 + "ms",
+    "a" + " " * 12 + "1.3",
+    "b" + " " * 14 + "-",
+  ]
+  with pytest.raises(Exception, match="--x wants comma-separated integers"):
+    common.int_list("--x")("1,0")
+  assert common.int_list("--x", minimum=0)("0, 2") == [0, 2]
