@@ -214,3 +214,38 @@ def save_json(path: str | None, results: Mapping[str, Any]) -> None:
   if path:
     shards.write_json_atomic(path, results)
     print(f"Wrote {path}")
+
+
+def report(
+  info: dict[str, Any],
+  describe: str,
+  run: Callable[[], dict[str, Any]],
+  json_path: str | None,
+) -> int:
+  """The scripts' shared `main` body: prints the machine and the setting,
+  runs the benchmark, adds the machine (load before and after) to its
+  results and writes them as JSON.
+
+  Args:
+    info: `hardware(...)`, possibly with `jax_devices()` merged in.
+    describe: what is measured, printed after the machine.
+    run: the benchmark; returns its JSON-able results.
+    json_path: where to write them (None: nowhere).
+
+  Returns:
+    0, the process exit status.
+  """
+  devices = (
+    f"{info['device_count']} x {info['device_kind']}; "
+    if "device_kind" in info
+    else ""
+  )
+  print(
+    f"{info['usable_cpus']} usable CPUs, load {info['load_average'][0]:.1f}; "
+    f"{devices}{describe}"
+  )
+  out = run()
+  info["load_average_after"] = os.getloadavg()
+  out["hardware"] = info
+  save_json(json_path, out)
+  return 0

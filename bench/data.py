@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 import tempfile
 import time
@@ -303,18 +302,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point (see the module docstring)."""
   args = parse_args(argv)
   flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags.
-  info = common.hardware(_PACKAGES)
-  print(
-    f"{info['usable_cpus']} usable CPUs, load {info['load_average'][0]:.1f}; "
+
+  def bench() -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as data_dir:
+      return run(args, data_dir)
+
+  return common.report(
+    common.hardware(_PACKAGES),
     f"S={args.image_size}, batch {args.batch}, samples/s over "
-    f"{args.seconds:g} s"
+    f"{args.seconds:g} s",
+    bench,
+    args.json,
   )
-  with tempfile.TemporaryDirectory(prefix="bench_data_") as data_dir:
-    out = run(args, data_dir)
-  info["load_average_after"] = os.getloadavg()
-  out["hardware"] = info
-  common.save_json(args.json, out)
-  return 0
 
 
 if __name__ == "__main__":

@@ -49,20 +49,6 @@ from jmceln_jax import config_lib, convert_clip, train_lib, trainer
 from jmceln_jax.models import clip
 
 _PACKAGES = (*common.JAX_PACKAGES, "torch", "clip-anytorch")
-# --tiny: a CLIP small enough to compile and run in seconds. Its text width
-# is 64 because OpenAI's build_model (and the converter) derive the head
-# count as width // 64.
-TINY_CLIP = dict(
-  embed_dim=16,
-  image_resolution=64,
-  vision_layers=(1, 1, 1, 1),
-  vision_width=8,
-  context_length=8,
-  vocab_size=100,
-  transformer_width=64,
-  transformer_heads=1,
-  transformer_layers=1,
-)
 _TINY = dict(
   image_size=64,
   max_len=8,
@@ -273,7 +259,7 @@ def _lines(row: dict[str, Any]) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
   """Builds both models and measures every (form, batch); see module doc."""
   hparams = dict(
-    TINY_CLIP if args.tiny else config_lib.CLIP_RN101,
+    config_lib.CLIP_TINY if args.tiny else config_lib.CLIP_RN101,
     image_resolution=args.image_size,
     context_length=args.max_len,
   )
@@ -395,17 +381,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point (see the module docstring)."""
   args = parse_args(argv)
-  info = common.hardware(_PACKAGES) | common.jax_devices()
-  print(
-    f"{info['usable_cpus']} usable CPUs, load {info['load_average'][0]:.1f}; "
-    f"JAX on {info['device_kind']}; torch threads {args.threads}; median of "
-    f"{args.repeats} calls, ms"
+  return common.report(
+    common.hardware(_PACKAGES) | common.jax_devices(),
+    f"torch threads {args.threads}; median of {args.repeats} calls, ms",
+    lambda: run(args),
+    args.json,
   )
-  out = run(args)
-  info["load_average_after"] = os.getloadavg()
-  out["hardware"] = info
-  common.save_json(args.json, out)
-  return 0
 
 
 if __name__ == "__main__":

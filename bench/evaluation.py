@@ -233,18 +233,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point (see the module docstring)."""
   args = parse_args(argv)
-  info = common.hardware(_PACKAGES) | common.jax_devices()
-  print(
-    f"{info['usable_cpus']} usable CPUs, load {info['load_average'][0]:.1f}; "
-    f"{info['device_count']} x {info['device_kind']}; {args.config}; median "
-    f"of {args.repeats} passes"
+
+  def bench() -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench_evaluation_") as work_dir:
+      return run(args, work_dir)
+
+  return common.report(
+    common.hardware(_PACKAGES) | common.jax_devices(),
+    f"{args.config}; median of {args.repeats} passes",
+    bench,
+    args.json,
   )
-  with tempfile.TemporaryDirectory(prefix="bench_evaluation_") as work_dir:
-    out = run(args, work_dir)
-  info["load_average_after"] = os.getloadavg()
-  out["hardware"] = info
-  common.save_json(args.json, out)
-  return 0
 
 
 if __name__ == "__main__":

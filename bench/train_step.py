@@ -349,19 +349,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point (see the module docstring)."""
   args = parse_args(argv)
-  info = common.hardware(_PACKAGES) | common.jax_devices()
-  print(
-    f"{info['usable_cpus']} usable CPUs, load {info['load_average'][0]:.1f}; "
-    f"{info['device_count']} x {info['device_kind']}; {args.config}, "
-    f"{args.per_device_batch} per device; median of "
-    f"{args.steps} steps"
+
+  def bench() -> dict:
+    with compilation_cache_dir():
+      return run(args)
+
+  return common.report(
+    common.hardware(_PACKAGES) | common.jax_devices(),
+    f"{args.config}, {args.per_device_batch} per device; median of "
+    f"{args.steps} steps",
+    bench,
+    args.json,
   )
-  with compilation_cache_dir():
-    out = run(args)
-  info["load_average_after"] = os.getloadavg()
-  out["hardware"] = info
-  common.save_json(args.json, out)
-  return 0
 
 
 if __name__ == "__main__":

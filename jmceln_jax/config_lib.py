@@ -41,6 +41,21 @@ CLIP_RN101 = dict(
   transformer_layers=12,
 )
 
+# A CLIP small enough to compile and run in seconds (tests, smoke runs). Its
+# text width is 64 because OpenAI's build_model (and the converter) derive
+# the head count as width // 64.
+CLIP_TINY = dict(
+  embed_dim=16,
+  image_resolution=64,
+  vision_layers=(1, 1, 1, 1),
+  vision_width=8,
+  context_length=8,
+  vocab_size=100,
+  transformer_width=64,
+  transformer_heads=1,
+  transformer_layers=1,
+)
+
 
 def base_config() -> ml_collections.ConfigDict:
   """The paper's setup (RefCOCO, CLIP RN101, 416x416, n=6, Q=20, C=1024)."""

@@ -6,42 +6,27 @@ OpenAI's `clip/model.py` (from clip-anytorch) is loaded by file path because
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 import warnings
 
 import numpy as np
 import pytest
 from flax_test_utils import TINY_CLIP
 
+from bench import encoders
+
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-# The converter tests' model: two blocks in layer2, two text layers. OpenAI's
-# build_model derives the head count as width // 64.
-TINY = dict(
-  TINY_CLIP,
-  vision_layers=(1, 2, 1, 1),
-  transformer_width=64,
-  transformer_heads=1,
-  transformer_layers=2,
-)
+# The converter tests' model: two blocks in layer2, two text layers.
+TINY = dict(TINY_CLIP, vision_layers=(1, 2, 1, 1), transformer_layers=2)
 
 
 def openai_model_module():
   """OpenAI's clip/model.py, imported by path from site-packages."""
-  spec = importlib.util.find_spec("clip")
-  if spec is None or not spec.submodule_search_locations:
-    pytest.skip("clip-anytorch (OpenAI clip/model.py) is not installed")
-  path = os.path.join(spec.submodule_search_locations[0], "model.py")
-  name = "openai_clip_model"
-  if name not in sys.modules:
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    sys.modules[name] = module
-  return sys.modules[name]
+  module = encoders.openai_clip_module()
+  if module is None:
+    pytest.skip("torch or clip-anytorch (OpenAI clip/model.py) is missing")
+  return module
 
 
 def random_clip(hparams: dict, seed: int = 0):

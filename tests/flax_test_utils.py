@@ -12,17 +12,7 @@ from jmceln_jax import config_lib
 # OpenAI's RN50: RN101's hyperparameters but for these two.
 RN50 = dict(config_lib.CLIP_RN101, embed_dim=1024, vision_layers=(3, 4, 6, 3))
 # A tiny CLIP (random weights) for fast tests.
-TINY_CLIP = dict(
-  embed_dim=16,
-  image_resolution=64,
-  vision_layers=(1, 1, 1, 1),
-  vision_width=8,
-  context_length=8,
-  vocab_size=100,
-  transformer_width=16,
-  transformer_heads=2,
-  transformer_layers=1,
-)
+TINY_CLIP = config_lib.CLIP_TINY
 
 
 def random_variables(abstract: Any, seed: int, scale: float = 0.3) -> Any:
