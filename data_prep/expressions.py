@@ -92,9 +92,13 @@ class ExpressionConfig:
   Attributes:
     weights: relative frequency of each kind (see the module docstring), used
       among the kinds that can identify the target in its image. Kinds left
-      out have weight 0. Because colour or shape alone is often ambiguous,
-      the default gives about 19% colour, 15% shape, 28% colour_shape, 19%
-      size, 11% position and 8% relation expressions.
+      out have weight 0. The default is mostly colour and colour + shape
+      (with unique colours per image, scenes.SceneConfig's default, about
+      45% each); shape, size, position and relation expressions are about
+      2-3% each, there so that the vocabulary is complete but rare enough
+      for the CPU main job to learn the task in minutes. Harder mixes: e.g.
+      dict(colour=0.3, shape=0.3, colour_shape=0.2, size=0.1, position=0.06,
+      relation=0.04) with SceneConfig(unique_colours=False).
     min_sentences: fewest expressions per object.
     max_sentences: most expressions per object (all distinct).
     corner_weight: weight of the corner directions ("top left") relative to
@@ -103,12 +107,12 @@ class ExpressionConfig:
 
   weights: Mapping[str, float] = dataclasses.field(
     default_factory=lambda: dict(
-      colour=0.3,
-      shape=0.3,
-      colour_shape=0.2,
-      size=0.1,
-      position=0.06,
-      relation=0.04,
+      colour=0.45,
+      shape=0.025,
+      colour_shape=0.45,
+      size=0.025,
+      position=0.025,
+      relation=0.025,
     )
   )
   min_sentences: int = 2

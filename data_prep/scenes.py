@@ -43,6 +43,8 @@ class SceneConfig:
     big_radius: the same for big shapes.
     distractor_prob: chance that a new shape copies the colour or the shape of
       one already placed (a tenth of these copy both and differ in size).
+    unique_colours: no two shapes of an image share a colour (distractors
+      then copy the shape only); colour words alone can pick any shape.
     occlusion_prob: chance that an image tries to show one shape partly hiding
       another (about two thirds of the tries succeed).
     min_visible: smallest visible fraction of a partly hidden shape.
@@ -53,9 +55,10 @@ class SceneConfig:
   max_side: int = 140
   min_objects: int = 2
   max_objects: int = 3
-  small_radius: tuple[float, float] = (0.13, 0.155)
-  big_radius: tuple[float, float] = (0.21, 0.24)
+  small_radius: tuple[float, float] = (0.16, 0.19)
+  big_radius: tuple[float, float] = (0.25, 0.29)
   distractor_prob: float = 0.7
+  unique_colours: bool = True
   occlusion_prob: float = 0.2
   min_visible: float = 0.6
   noise_std: tuple[float, float] = (0.0, 6.0)
@@ -81,14 +84,16 @@ def _attributes(
   def pick(options: Sequence) -> object:
     return options[int(rng.integers(len(options)))]
 
-  shape, colour = pick(expressions.SHAPES), pick(expressions.COLOURS)
+  used = {p.obj.colour for p in placed} if cfg.unique_colours else set()
+  colours = [c for c in expressions.COLOURS if c not in used]
+  shape, colour = pick(expressions.SHAPES), pick(colours)
   size = pick(expressions.SIZES)
   if placed and rng.random() < cfg.distractor_prob:
     base = pick(placed).obj
     u = rng.random()
-    if u < 0.45:  # Same shape, another colour.
+    if u < 0.45 or cfg.unique_colours:  # Same shape, another colour.
       shape = base.shape
-      colour = pick([c for c in expressions.COLOURS if c != base.colour])
+      colour = pick([c for c in colours if c != base.colour])
     elif u < 0.9:  # Same colour, another shape.
       colour = base.colour
       shape = pick([s for s in expressions.SHAPES if s != base.shape])

@@ -11,12 +11,13 @@ writes, laid out exactly like the refer data,
   <out>/<name>/refs(unc).p      a plain pickle of the list of refs
   <out>/images/<name>_<image_id>.jpg
 
-so that data_prep.refcoco converts it unchanged. Each image (sides 96-160 px,
-never square) shows 2-4 coloured shapes (data_prep/scenes.py); sometimes one
-shape partly hides another, whose polygons then cover only its visible part.
-Every shape is a ref with 2-3 expressions that name it and no other shape of
-its image (data_prep/expressions.py). Shapes share colours or shapes with their
-neighbours on purpose, so the sentence is needed to find the target. Splits:
+so that data_prep.refcoco converts it unchanged. Each image (sides 100-140 px
+by default, never square) shows 2-3 coloured shapes (data_prep/scenes.py);
+sometimes one shape partly hides another, whose polygons then cover only its
+visible part. Every shape is a ref with 2-3 expressions that name it and no
+other shape of its image (data_prep/expressions.py). Shapes share their shape
+(and, with SceneConfig(unique_colours=False), their colour) with neighbours on
+purpose, so the sentence is needed to find the target. Splits:
 train, val, testA and testB; testA and testB are two held-out sets drawn from
 the same distribution (unlike RefCOCO's people / other-objects split).
 

@@ -107,7 +107,8 @@ def test_eval_yields_every_expression_once_in_order(data):
   _, prepared = data
   expected = _expressions(prepared, "testA")
   n = len(expected)
-  gb = next(g for g in range(4, n, 2) if n % g)  # The last batch is padded.
+  # An even global batch that leaves the last batch padded (any n >= 1).
+  gb = next(g for g in range(4, 2 * n + 4, 2) if n % g)
   half = gb // 2
   ds, count = _eval(prepared, global_batch_size=gb)
   batches = _take(ds)

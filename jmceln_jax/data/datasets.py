@@ -88,7 +88,8 @@ def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
       num_images=cfg.synthetic_images,
       seed=cfg.synthetic_seed,
       splits=splits,
-      num_workers=cfg.num_workers,
+      # Nothing else runs yet: draw and convert on every core.
+      num_workers=min(8, os.cpu_count() or 1),
     )
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("synthetic data prepared")
