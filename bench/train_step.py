@@ -13,8 +13,8 @@ device, and reports:
   aliased) and FLOPs per sample, all from `jmceln_jax.summary.train_step_cost`
   (XLA's memory and cost analysis of the compiled step: what
   `python -m jmceln_jax.summary` prints);
-- the first step's time (its compile is served from a persistent compilation
-  cache: a temporary one unless JAX already has one), then the median step
+- the first step's time (it runs the executable compiled for the cost
+  analysis, `summary.compile_train_step`: no second compile), then the median step
   time over --steps steps after --warmup steps, as steps/s and samples/s;
 - achieved FLOP/s per device and MFU: achieved / the peak matmul FLOP/s of
   the same dtype measured in the same run on the same device (a jitted
@@ -28,18 +28,15 @@ batch. `--tiny` runs configs/tiny.py (minutes on 2 CPU cores).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental.compilation_cache import compilation_cache
 
 from bench import common
 from jmceln_jax import sharding, summary, trainer
@@ -64,26 +61,6 @@ _MEMORY = {
   "aliased (GiB)": "aliased",
   "peak estimate (GiB)": "peak",
 }
-
-
-@contextlib.contextmanager
-def compilation_cache_dir() -> Iterator[None]:
-  """A temporary persistent compilation cache, unless one is configured.
-
-  `summary.train_step_cost` compiles the step ahead of time and keeps no
-  executable; the trainer's jit then finds the same program in the cache
-  instead of compiling it again (minutes for the paper config on CPU).
-  """
-  if jax.config.jax_compilation_cache_dir:
-    yield
-    return
-  with tempfile.TemporaryDirectory(prefix="bench_train_step_cache_") as d:
-    jax.config.update("jax_compilation_cache_dir", d)
-    try:
-      yield
-    finally:
-      jax.config.update("jax_compilation_cache_dir", None)
-      compilation_cache.reset_cache()
 
 
 def matmul_peak(size: int, dtype: str, device: jax.Device) -> dict[str, Any]:
@@ -165,12 +142,10 @@ def measure_step(
     (all devices), "gflops_per_sample", "memory_gib": per device, "loss"
     (the last step's, a sanity check)}.
   """
-  cost = summary.train_step_cost(config, devices)
+  setup, step, seconds = summary.compile_train_step(config, devices)
+  cost = summary.train_step_cost(config, devices, (step, seconds))
   global_batch = config.input.global_batch_size
-  # As in train_step_cost: the schedule's length is part of the program.
-  setup = trainer.build_setup(config, global_batch, devices)
   state = trainer.initial_state(config, setup)
-  step = trainer.jit_train_step(config, setup)
   batch = sharding.host_to_global(
     random_batch(config, global_batch, seed), setup.mesh
   )
@@ -350,15 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point (see the module docstring)."""
   args = parse_args(argv)
 
-  def bench() -> dict:
-    with compilation_cache_dir():
-      return run(args)
-
   return common.report(
     common.hardware(_PACKAGES) | common.jax_devices(),
     f"{args.config}, {args.per_device_batch} per device; median of "
     f"{args.steps} steps",
-    bench,
+    lambda: run(args),
     args.json,
   )
 

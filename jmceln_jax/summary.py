@@ -182,26 +182,15 @@ def select_devices(count: int | None) -> list[jax.Device]:
   return devices[:count]
 
 
-def train_step_cost(
+def compile_train_step(
   config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
-) -> dict[str, float]:
-  """Per-device memory and FLOPs of the compiled training step.
-
-  Compiles exactly the step the trainer runs (`trainer.jit_train_step`) for
-  the global batch `input.global_batch_size` on a mesh of `devices`
-  (config.mesh with -1 resolved against them), state donated. Nothing runs.
-
-  The memory figures are XLA's static buffer assignment for this backend
-  (CPU on a laptop); a GPU compile assigns buffers differently.
-
-  Args:
-    config: the run's config.
-    devices: the mesh's devices.
+) -> tuple[trainer.Setup, Any, float]:
+  """AOT-compiles the trainer's step (`trainer.jit_train_step`) for the
+  global batch `input.global_batch_size` on a mesh of `devices`.
 
   Returns:
-    {name: value}: argument/output/temporary/aliased memory and a peak
-    estimate (GiB per device), GFLOPs per step (whole global batch) and per
-    image, and the compile time (s).
+    (the trainer Setup, the compiled step (state, batch) -> (state, metrics)
+    with the state donated, compile seconds).
   """
   global_batch = config.input.global_batch_size
   # Steps per epoch only set the schedule's length: irrelevant to the cost.
@@ -216,6 +205,38 @@ def train_step_cost(
     batch,
     what=f"training step (global batch {global_batch})",
   )
+  return setup, compiled, seconds
+
+
+def train_step_cost(
+  config: ml_collections.ConfigDict,
+  devices: Sequence[jax.Device],
+  compiled: tuple[Any, float] | None = None,
+) -> dict[str, float]:
+  """Per-device memory and FLOPs of the compiled training step.
+
+  Compiles exactly the step the trainer runs (`trainer.jit_train_step`) for
+  the global batch `input.global_batch_size` on a mesh of `devices`
+  (config.mesh with -1 resolved against them), state donated. Nothing runs.
+
+  The memory figures are XLA's static buffer assignment for this backend
+  (CPU on a laptop); a GPU compile assigns buffers differently.
+
+  Args:
+    config: the run's config.
+    devices: the mesh's devices.
+    compiled: (compiled step, compile seconds) from `compile_train_step`
+      for this config and devices; compiled here when None.
+
+  Returns:
+    {name: value}: argument/output/temporary/aliased memory and a peak
+    estimate (GiB per device), GFLOPs per step (whole global batch) and per
+    image, and the compile time (s).
+  """
+  global_batch = config.input.global_batch_size
+  if compiled is None:
+    compiled = compile_train_step(config, devices)[1:]
+  compiled, seconds = compiled
   mem = compiled.memory_analysis()
   sizes = {
     "arguments (GiB)": mem.argument_size_in_bytes / GIB,
