@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jmceln_jax.models import layers
+from jmceln_jax.models.conv import Conv
 
 Array = jax.Array
 Dtype = Any
@@ -48,7 +49,7 @@ class ConvBN(nn.Module):
   def __call__(self, x: Array, *, train: bool) -> Array:
     """[B, H, W, Cin] -> [B, H, W, features]."""
     pad = self.dilation * (self.kernel_size // 2)
-    x = nn.Conv(
+    x = Conv(
       self.features,
       (self.kernel_size, self.kernel_size),
       padding=((pad, pad), (pad, pad)),
@@ -127,93 +128,3 @@ class MultiHeadAttention(nn.Module):
     return nn.DenseGeneral(dim, axis=(-2, -1), dtype=self.dtype, name="out")(
       out
     )
-
-
-def _depthwise(x: Array, kernel: Array) -> Array:
-  """'Same'-padded depthwise conv: x [B,H,W,C], kernel [kh,kw,1,C] (odd)."""
-  kh, kw = kernel.shape[:2]
-  return jax.lax.conv_general_dilated(
-    x,
-    kernel,
-    window_strides=(1, 1),
-    padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
-    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    feature_group_count=x.shape[-1],
-  )
-
-
-@jax.custom_vjp
-def depthwise_conv(x: Array, kernel: Array) -> Array:
-  """Depthwise convolution whose kernel gradient costs what it should.
-
-  XLA differentiates a grouped convolution's kernel through a
-  `batch_group_count` convolution that CPU (and, per jax-ml/jax#13800, GPU)
-  backends lower like a dense one: C times the FLOPs. Here the kernel
-  gradient is a feature-grouped convolution of the padded input with the
-  output gradient as filter (batch moved into the channels, float32
-  accumulation), with the FLOPs of the forward pass; the forward pass and
-  the input gradient keep the native grouped convolution.
-
-  Args:
-    x: [B, H, W, C].
-    kernel: [kh, kw, 1, C], odd sides ('same' padding).
-
-  Returns:
-    [B, H, W, C].
-  """
-  return _depthwise(x, kernel)
-
-
-def _depthwise_fwd(x: Array, kernel: Array) -> tuple[Array, tuple]:
-  return _depthwise(x, kernel), (x, kernel)
-
-
-def _depthwise_bwd(residuals: tuple, g: Array) -> tuple[Array, Array]:
-  x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x_: _depthwise(x_, kernel), x)
-  (dx,) = input_vjp(g)
-  kh, kw = kernel.shape[:2]
-  b, h, w, c = x.shape
-  xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-  # dk[i, j, c] = sum_{b,h,w} xp[b, h+i, w+j, c] * g[b, h, w, c]: a 'valid'
-  # convolution with C feature groups of B channels each (xp's features
-  # ordered (c, b)) and g as the [H, W, B, C] filter.
-  lhs = xp.transpose(1, 2, 3, 0).reshape(1, h + kh - 1, w + kw - 1, c * b)
-  dk = jax.lax.conv_general_dilated(
-    lhs,
-    g.transpose(1, 2, 0, 3),
-    window_strides=(1, 1),
-    padding="VALID",
-    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    feature_group_count=c,
-    preferred_element_type=jnp.float32,
-  )
-  return dx, dk.reshape(kh, kw, 1, c).astype(kernel.dtype)
-
-
-depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
-
-
-class DepthwiseConv(nn.Module):
-  """'Same'-padded depthwise convolution with bias (see `depthwise_conv`).
-
-  Parameters match `nn.Conv(C, k, feature_group_count=C)`: kernel
-  [k, k, 1, C] (LeCun normal) and bias [C].
-
-  Attributes:
-    kernel_size: odd square kernel side.
-    dtype: compute dtype.
-  """
-
-  kernel_size: int = 7
-  dtype: Dtype = None
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """[B, H, W, C] -> [B, H, W, C]."""
-    k, c = self.kernel_size, x.shape[-1]
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c))
-    bias = self.param("bias", nn.initializers.zeros, (c,))
-    dtype = self.dtype or x.dtype
-    y = depthwise_conv(x.astype(dtype), kernel.astype(dtype))
-    return y + bias.astype(dtype)

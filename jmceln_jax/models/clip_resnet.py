@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from jmceln_jax import resize
 from jmceln_jax.models import layers
+from jmceln_jax.models.conv import Conv
 
 EXPANSION = 4
 PAD1 = ((1, 1), (1, 1))
@@ -57,9 +58,9 @@ class ConvBN(nn.Module):
     """[B, H, W, Cin] -> [B, H/pool, W/pool, features]."""
     if self.pool > 1:
       x = _avg_pool(x, self.pool)
-    x = nn.Conv(
-      self.features, (1, 1), use_bias=False, dtype=self.dtype, name="0"
-    )(x)
+    x = Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="0")(
+      x
+    )
     return layers.batch_norm(
       use_running_average=use_running_average, dtype=self.dtype, name="1"
     )(x)
@@ -81,7 +82,7 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, use_running_average: bool) -> jax.Array:
     """[B, H, W, Cin] -> [B, H/stride, W/stride, 4 * planes]."""
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype)
     norm = functools.partial(
       layers.batch_norm,
       use_running_average=use_running_average,
@@ -255,7 +256,7 @@ class ModifiedResNet(nn.Module):
       layers.batch_norm, use_running_average=use_ra, dtype=self.dtype
     )
     conv = functools.partial(
-      nn.Conv,
+      Conv,
       kernel_size=(3, 3),
       padding=PAD1,
       use_bias=False,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jmceln_jax.models.blocks import ConvBN, Dtype
+from jmceln_jax.models.conv import Conv
 from jmceln_jax.resize import upsample2x
 
 Array = jax.Array
@@ -41,7 +42,7 @@ class Head(nn.Module):
         x = ConvBN(ch, 3, dtype=self.dtype, name=f"up{k}_conv{j}")(
           x, train=train
         )
-    logits = nn.Conv(
+    logits = Conv(
       self.num_classes, (1, 1), dtype=self.dtype, name="classifier"
     )(x)
     return logits.astype(jnp.float32)

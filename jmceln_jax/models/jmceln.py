@@ -25,6 +25,7 @@ from jmceln_jax import resize
 from jmceln_jax.models.blocks import Dtype, compute_dtype
 from jmceln_jax.models.cascade import Cascade
 from jmceln_jax.models.clip import CLIP
+from jmceln_jax.models.conv import Conv
 from jmceln_jax.models.head import Head
 from jmceln_jax.models.lsran import LSRAN
 from jmceln_jax.models.neck import Neck
@@ -143,7 +144,7 @@ class JMCELNDecoder(nn.Module):
     )
     if self.deep_supervision:
       for i, stage in enumerate(aux["stages"]):
-        stage_logits = nn.Conv(
+        stage_logits = Conv(
           NUM_CLASSES, (1, 1), dtype=dtype, name=f"stage_classifier_{i}"
         )(stage["f_mt"])
         stage["logits"] = resize.resize(

@@ -28,7 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jmceln_jax.models.blocks import DepthwiseConv, Dtype
+from jmceln_jax.models.blocks import Dtype
+from jmceln_jax.models.conv import Conv, DepthwiseConv
 from jmceln_jax.models.switchnorm import SwitchNorm
 
 Array = jax.Array
@@ -68,7 +69,7 @@ class PAN(nn.Module):
     if c % 4:
       raise ValueError(f"PAN needs model.dim divisible by 4, got {c}.")
     dims = (c // 4, c // 2, c)
-    conv = functools.partial(nn.Conv, dtype=self.dtype)
+    conv = functools.partial(Conv, dtype=self.dtype)
     gate_conv = functools.partial(conv, use_bias=False)
     pad3 = ((1, 1), (1, 1))
 

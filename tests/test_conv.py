@@ -1,0 +1,178 @@
+"""The fast convolutions: same values, gradients and parameters as XLA's."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jmceln_jax.models import conv
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _normal(seed, shape, dtype=jnp.float32):
+  return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def _loss(fn, cotangent):
+  return lambda x, k: jnp.sum(fn(x, k).astype(jnp.float32) * cotangent)
+
+
+def _hlo_convolutions(fn, *args) -> int:
+  return jax.jit(fn).lower(*args).compile().as_text().count(" convolution(")
+
+
+# (kernel, padding, dilation, strides, groups): fast paths and pass-throughs.
+CASES = [
+  ((1, 1), "SAME", 1, 1, 1),  # matmul
+  ((1, 1), ((0, 0), (0, 0)), 1, 1, 1),  # matmul
+  ((1, 1), ((1, 1), (1, 1)), 1, 1, 1),  # padded 1x1: per-tap kernel grad
+  ((3, 3), ((1, 1), (1, 1)), 1, 1, 1),
+  ((3, 3), "SAME", 1, 1, 1),
+  ((3, 3), ((3, 3), (3, 3)), 3, 1, 1),  # dilated (LSRAN)
+  ((3, 2), ((2, 0), (0, 1)), 1, 1, 1),  # asymmetric
+  ((3, 3), "VALID", 1, 1, 1),
+  ((3, 3), ((1, 1), (1, 1)), 1, 2, 1),  # strided: XLA's
+  ((3, 3), ((1, 1), (1, 1)), 1, 1, 2),  # grouped: XLA's
+]
+
+
+@pytest.mark.parametrize("kernel_size,padding,dilation,stride,groups", CASES)
+def test_conv_matches_xla_values_and_gradients(
+  kernel_size, padding, dilation, stride, groups
+):
+  x = _normal(0, (2, 9, 8, 4))
+  kernel = _normal(1, (*kernel_size, 4 // groups, 6))
+  args = dict(
+    window_strides=(stride, stride),
+    padding=padding,
+    rhs_dilation=(dilation, dilation),
+    dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, kernel.shape, DN),
+    feature_group_count=groups,
+  )
+  ours = functools.partial(conv.conv_general_dilated, **args)
+  xla = functools.partial(jax.lax.conv_general_dilated, **args)
+  want = xla(x, kernel)
+  np.testing.assert_allclose(ours(x, kernel), want, atol=1e-5)
+  cotangent = _normal(2, want.shape)
+  got = jax.jit(jax.grad(_loss(ours, cotangent), (0, 1)))(x, kernel)
+  ref = jax.grad(_loss(xla, cotangent), (0, 1))(x, kernel)
+  chex.assert_trees_all_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_conv_gradient_paths_on_cpu():
+  """1x1: no convolution at all; 3x3: XLA's convolutions for the output and
+  the input gradient, matmuls for the kernel gradient."""
+  x, cotangent = _normal(0, (1, 8, 8, 4)), _normal(2, (1, 8, 8, 6))
+
+  def grad(kernel_size):
+    module = conv.Conv(6, kernel_size, use_bias=False)
+    return lambda x, p: jax.value_and_grad(
+      lambda x, p: jnp.sum(module.apply(p, x) * cotangent), (0, 1)
+    )(x, p)
+
+  p1 = conv.Conv(6, (1, 1), use_bias=False).init(jax.random.key(0), x)
+  p3 = conv.Conv(6, (3, 3), use_bias=False).init(jax.random.key(0), x)
+  assert _hlo_convolutions(grad((1, 1)), x, p1) == 0
+  assert _hlo_convolutions(grad((3, 3)), x, p3) == 2  # forward and dx
+
+
+def test_conv_module_has_nn_conv_parameters():
+  x = _normal(0, (2, 8, 8, 4))
+  for kernel_size in ((1, 1), (3, 3)):
+    ours = conv.Conv(6, kernel_size, kernel_dilation=2)
+    theirs = nn.Conv(6, kernel_size, kernel_dilation=2)
+    params = ours.init(jax.random.key(0), x)
+    chex.assert_trees_all_equal(params, theirs.init(jax.random.key(0), x))
+    np.testing.assert_allclose(
+      ours.apply(params, x), theirs.apply(params, x), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_gradient_branches_agree(dtype):
+  """The CPU per-tap kernel gradient equals XLA's (the GPU/TPU branch)."""
+  x = _normal(0, (2, 9, 9, 5), dtype)
+  kernel = _normal(1, (3, 3, 5, 7), dtype)
+  g = _normal(2, (2, 9, 9, 7), dtype)
+  args = dict(
+    padding=((2, 2), (2, 2)),
+    dilation=(2, 2),
+    dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, kernel.shape, DN),
+    precision=None,
+  )
+  tap = conv._tap_dk(x, g, kernel, **args)
+  assert tap.dtype == dtype
+  tol = 1e-4 if dtype == jnp.float32 else 0.1
+  np.testing.assert_allclose(
+    np.asarray(tap, np.float32),
+    np.asarray(conv._xla_dk(x, g, kernel, **args), np.float32),
+    atol=tol,
+    rtol=tol,
+  )
+
+
+def _grouped_conv(x, kernel):
+  """Reference: XLA's native depthwise convolution, 'same' padding."""
+  return jax.lax.conv_general_dilated(
+    x,
+    kernel,
+    (1, 1),
+    ((3, 3), (3, 3)),
+    dimension_numbers=DN,
+    feature_group_count=x.shape[-1],
+  )
+
+
+def test_depthwise_conv_matches_grouped_conv():
+  x, kernel = _normal(30, (2, 9, 10, 6)), _normal(31, (7, 7, 1, 6))
+  cotangent = _normal(32, (2, 9, 10, 6))
+  want = _grouped_conv(x, kernel)
+  np.testing.assert_allclose(conv.depthwise_conv(x, kernel), want, atol=1e-5)
+  got = jax.jit(jax.grad(_loss(conv.depthwise_conv, cotangent), (0, 1)))(
+    x, kernel
+  )
+  ref = jax.grad(_loss(_grouped_conv, cotangent), (0, 1))(x, kernel)
+  chex.assert_trees_all_close(got, ref, atol=1e-4, rtol=1e-4)
+  # The branches the CPU does not take (GPU/TPU) agree too.
+  np.testing.assert_allclose(conv._grouped(x, kernel), want, atol=1e-5)
+  xp = conv._same_pad(x, kernel)
+  np.testing.assert_allclose(
+    conv._grouped_dk(xp, cotangent, kernel),
+    conv._tap_depthwise_dk(xp, cotangent, kernel),
+    atol=1e-4,
+    rtol=1e-4,
+  )
+
+
+def test_depthwise_conv_is_cheap_and_convolution_free_on_cpu():
+  big = jax.ShapeDtypeStruct((1, 16, 16, 256), jnp.float32)
+  kern = jax.ShapeDtypeStruct((7, 7, 1, 256), jnp.float32)
+
+  def grads(x, k):
+    return jax.grad(lambda x, k: jnp.sum(conv.depthwise_conv(x, k)), (0, 1))(
+      x, k
+    )
+
+  compiled = jax.jit(grads).lower(big, kern).compile()
+  assert " convolution(" not in compiled.as_text()
+  analysis = compiled.cost_analysis()
+  flops = (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+  # Forward + two gradients, each 2 * 49 FLOPs per output element (XLA's
+  # grouped kernel gradient costs C = 256 times more).
+  assert flops < 10 * 2 * 49 * 16 * 16 * 256
+
+
+def test_depthwise_bf16_accumulates_in_float32():
+  x, kernel = _normal(0, (1, 8, 8, 4)), _normal(1, (7, 7, 1, 4))
+  got = conv.depthwise_conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(
+    np.asarray(got, np.float32), _grouped_conv(x, kernel), atol=0.15, rtol=0.05
+  )
