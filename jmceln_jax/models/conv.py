@@ -23,7 +23,7 @@ for a CPU, so one model definition serves every device.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -57,6 +57,28 @@ def _taps(
     for i in range(kh)
     for j in range(kw)
   ]
+
+
+def _tap_loop(
+  xp: Array,
+  g: Array,
+  kernel_shape: Sequence[int],
+  dilation: Sequence[int],
+  reduce: Callable[[Array, Array], Array],
+) -> Array:
+  """[kh * kw, *kernel_shape[2:]] float32: reduce(window, g) for every tap's
+  window of the padded input, one tap per loop step (one window alive at a
+  time: faster on the CPU, and ~4x less memory, than all taps side by
+  side)."""
+  (kh, kw), (dh, dw) = kernel_shape[:2], dilation
+  size = (*g.shape[:-1], xp.shape[-1])
+
+  def tap(t, out):
+    window = jax.lax.dynamic_slice(xp, (0, t // kw * dh, t % kw * dw, 0), size)
+    return out.at[t].set(reduce(window, g))
+
+  out = jnp.zeros((kh * kw, *kernel_shape[2:]), jnp.float32)
+  return jax.lax.fori_loop(0, kh * kw, tap, out)
 
 
 # ----------------------------------------------------------------- dense ---
@@ -101,12 +123,14 @@ def _tap_dk(x, g, kernel, *, padding, dilation, **unused):
   """Kernel gradient as one matmul per tap, float32 accumulation:
   dk[i, j] = sum_{b,h,w} x_pad[b, h + i*dh, w + j*dw]^T g[b, h, w]."""
   xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  taps = _taps(xp, kernel.shape[:2], dilation, g.shape[1:3])
-  dk = jnp.stack(
-    [
-      jnp.einsum("bhwi,bhwo->io", t, g, preferred_element_type=jnp.float32)
-      for _, t in taps
-    ]
+  dk = _tap_loop(
+    xp,
+    g,
+    kernel.shape,
+    dilation,
+    functools.partial(
+      jnp.einsum, "bhwi,bhwo->io", preferred_element_type=jnp.float32
+    ),
   )
   return dk.reshape(kernel.shape).astype(kernel.dtype)
 
@@ -257,18 +281,14 @@ def _depthwise_fwd(x: Array, kernel: Array) -> tuple[Array, tuple]:
 
 
 def _tap_depthwise_dk(xp: Array, g: Array, kernel: Array) -> Array:
-  """dk[i, j, c] = sum_{b,h,w} xp[b, h+i, w+j, c] g[b, h, w, c], one tap per
-  loop step (a loop: 3x faster on the CPU than 49 reductions side by side)."""
-  kh, kw = kernel.shape[:2]
-  f32 = jnp.float32
+  """dk[i, j, c] = sum_{b,h,w} xp[b, h+i, w+j, c] g[b, h, w, c] (3x faster on
+  the CPU looped than as 49 reductions side by side)."""
 
-  def tap(t, dk):
-    window = jax.lax.dynamic_slice(xp, (0, t // kw, t % kw, 0), g.shape)
-    product = window.astype(f32) * g.astype(f32)
-    return dk.at[t].set(jnp.sum(product, axis=(0, 1, 2)))
+  def reduce(window: Array, g: Array) -> Array:
+    f32 = jnp.float32
+    return jnp.sum(window.astype(f32) * g.astype(f32), axis=(0, 1, 2))
 
-  dk = jnp.zeros((kh * kw, g.shape[-1]), f32)
-  return jax.lax.fori_loop(0, kh * kw, tap, dk).reshape(kernel.shape)
+  return _tap_loop(xp, g, kernel.shape, (1, 1), reduce).reshape(kernel.shape)
 
 
 def _grouped_dk(xp: Array, g: Array, kernel: Array) -> Array:
