@@ -143,7 +143,7 @@ def measure_step(
     (the last step's, a sanity check)}.
   """
   setup, step, seconds = summary.compile_train_step(config, devices)
-  cost = summary.train_step_cost(config, devices, (step, seconds))
+  cost = summary.train_step_cost(config, devices, (setup, step, seconds))
   global_batch = config.input.global_batch_size
   state = trainer.initial_state(config, setup)
   batch = sharding.host_to_global(

@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jmceln_jax import sharding, train_lib, trainer
-from jmceln_jax.models import jmceln
+from jmceln_jax.models import conv, jmceln
 
 PyTree = Any
 MODULE_ORDER = ("clip/visual", "clip/text", "neck", "lsran", "cascade", "head")
@@ -208,10 +208,32 @@ def compile_train_step(
   return setup, compiled, seconds
 
 
+def train_step_flops(
+  config: ml_collections.ConfigDict, setup: trainer.Setup
+) -> float:
+  """FLOPs of one training step (whole global batch), from XLA's cost
+  analysis of the step lowered with every loop unrolled (nothing compiles).
+
+  The CPU convolution gradients loop over kernel taps (models/conv.py) and
+  XLA counts a loop body once; unrolled, each tap counts.
+  """
+  batch = abstract_batch(
+    config.input.global_batch_size,
+    config,
+    sharding.batch_sharding(setup.mesh),
+  )
+  with conv.unrolled_loops():
+    # A new jit: the trace must not come from a cache filled outside.
+    lowered = trainer.jit_train_step(config, setup).lower(
+      setup.abstract_state, batch
+    )
+  return xla_cost(lowered, "flops")
+
+
 def train_step_cost(
   config: ml_collections.ConfigDict,
   devices: Sequence[jax.Device],
-  compiled: tuple[Any, float] | None = None,
+  compiled: tuple[trainer.Setup, Any, float] | None = None,
 ) -> dict[str, float]:
   """Per-device memory and FLOPs of the compiled training step.
 
@@ -225,8 +247,8 @@ def train_step_cost(
   Args:
     config: the run's config.
     devices: the mesh's devices.
-    compiled: (compiled step, compile seconds) from `compile_train_step`
-      for this config and devices; compiled here when None.
+    compiled: `compile_train_step`'s (setup, compiled step, compile
+      seconds) for this config and devices; compiled here when None.
 
   Returns:
     {name: value}: argument/output/temporary/aliased memory and a peak
@@ -235,8 +257,8 @@ def train_step_cost(
   """
   global_batch = config.input.global_batch_size
   if compiled is None:
-    compiled = compile_train_step(config, devices)[1:]
-  compiled, seconds = compiled
+    compiled = compile_train_step(config, devices)
+  setup, compiled, seconds = compiled
   mem = compiled.memory_analysis()
   sizes = {
     "arguments (GiB)": mem.argument_size_in_bytes / GIB,
@@ -250,8 +272,7 @@ def train_step_cost(
     + mem.temp_size_in_bytes
     - mem.alias_size_in_bytes
   ) / GIB
-  # XLA's cost analysis covers one device's partition of the program.
-  per_step = xla_cost(compiled, "flops") * len(devices) / 1e9
+  per_step = train_step_flops(config, setup) / 1e9
   sizes["GFLOPs per step"] = per_step
   sizes["GFLOPs per image"] = per_step / global_batch
   sizes["compile time (s)"] = seconds

@@ -176,3 +176,26 @@ def test_depthwise_bf16_accumulates_in_float32():
   np.testing.assert_allclose(
     np.asarray(got, np.float32), _grouped_conv(x, kernel), atol=0.15, rtol=0.05
   )
+
+
+def test_unrolled_loops_let_cost_analysis_count_every_tap():
+  """XLA counts a loop body once; traced under unrolled_loops, the CPU
+  kernel gradients cost what XLA's own convolution gradients cost."""
+  x, kernel = _normal(0, (2, 16, 16, 8)), _normal(1, (3, 3, 8, 8))
+  args = dict(
+    window_strides=(1, 1),
+    padding=((1, 1), (1, 1)),
+    dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, kernel.shape, DN),
+  )
+
+  def flops(conv_fn):
+    loss = lambda x, k: jnp.sum(conv_fn(x, k, **args) ** 2)  # noqa: E731
+    lowered = jax.jit(jax.grad(loss, (0, 1))).lower(x, kernel)
+    return lowered.cost_analysis()["flops"]
+
+  xla = flops(jax.lax.conv_general_dilated)
+  looped = flops(conv.conv_general_dilated)
+  with conv.unrolled_loops():
+    unrolled = flops(conv.conv_general_dilated)
+  assert looped < 0.8 * xla
+  assert unrolled == pytest.approx(xla, rel=0.05)
