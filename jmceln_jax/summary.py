@@ -182,6 +182,17 @@ def select_devices(count: int | None) -> list[jax.Device]:
   return devices[:count]
 
 
+def _step_batch(
+  config: ml_collections.ConfigDict, setup: trainer.Setup
+) -> dict[str, jax.ShapeDtypeStruct]:
+  """The abstract global training batch, sharded over the setup's mesh."""
+  return abstract_batch(
+    config.input.global_batch_size,
+    config,
+    sharding.batch_sharding(setup.mesh),
+  )
+
+
 def compile_train_step(
   config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
 ) -> tuple[trainer.Setup, Any, float]:
@@ -196,13 +207,10 @@ def compile_train_step(
   # Steps per epoch only set the schedule's length: irrelevant to the cost.
   setup = trainer.build_setup(config, global_batch, devices)
   sharding.per_process_batch_size(global_batch, setup.mesh)  # Checks it.
-  batch = abstract_batch(
-    global_batch, config, sharding.batch_sharding(setup.mesh)
-  )
   compiled, seconds = _compile(
     trainer.jit_train_step(config, setup),
     setup.abstract_state,
-    batch,
+    _step_batch(config, setup),
     what=f"training step (global batch {global_batch})",
   )
   return setup, compiled, seconds
@@ -217,15 +225,10 @@ def train_step_flops(
   The CPU convolution gradients loop over kernel taps (models/conv.py) and
   XLA counts a loop body once; unrolled, each tap counts.
   """
-  batch = abstract_batch(
-    config.input.global_batch_size,
-    config,
-    sharding.batch_sharding(setup.mesh),
-  )
   with conv.unrolled_loops():
     # A new jit: the trace must not come from a cache filled outside.
     lowered = trainer.jit_train_step(config, setup).lower(
-      setup.abstract_state, batch
+      setup.abstract_state, _step_batch(config, setup)
     )
   return xla_cost(lowered, "flops")
 

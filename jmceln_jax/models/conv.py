@@ -61,22 +61,6 @@ def _channels_last(dimension_numbers: Any, ndim: int) -> bool:
   )
 
 
-def _taps(
-  x: Array,
-  kernel_hw: Sequence[int],
-  dilation: Sequence[int],
-  out_hw: Sequence[int],
-) -> list[tuple[tuple[int, int], Array]]:
-  """((i, j), x[:, i*dh : i*dh + Ho, j*dw : j*dw + Wo, :]) per kernel tap of
-  an already padded [B, H, W, C] input."""
-  (kh, kw), (dh, dw), (ho, wo) = kernel_hw, dilation, out_hw
-  return [
-    ((i, j), x[:, i * dh : i * dh + ho, j * dw : j * dw + wo, :])
-    for i in range(kh)
-    for j in range(kw)
-  ]
-
-
 def _tap_loop(
   xp: Array,
   g: Array,
@@ -258,9 +242,13 @@ def _same_pad(x: Array, kernel: Array) -> Array:
 def _shifted_sum(x: Array, kernel: Array) -> Array:
   """'Same'-padded depthwise conv as a sum of shifted products (one fused
   elementwise loop; float32 accumulation)."""
-  taps = _taps(_same_pad(x, kernel), kernel.shape[:2], (1, 1), x.shape[1:3])
-  f32 = jnp.float32
-  out = sum(t.astype(f32) * kernel[i, j, 0].astype(f32) for (i, j), t in taps)
+  (kh, kw), (h, w) = kernel.shape[:2], x.shape[1:3]
+  xp, k = _same_pad(x, kernel).astype(jnp.float32), kernel.astype(jnp.float32)
+  out = sum(
+    xp[:, i : i + h, j : j + w, :] * k[i, j, 0]
+    for i in range(kh)
+    for j in range(kw)
+  )
   return out.astype(x.dtype)
 
 
