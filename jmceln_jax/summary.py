@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jmceln_jax import sharding, train_lib, trainer
-from jmceln_jax.models import conv, jmceln
+from jmceln_jax.models import jmceln, stacking
 
 PyTree = Any
 MODULE_ORDER = ("clip/visual", "clip/text", "neck", "lsran", "cascade", "head")
@@ -222,10 +222,11 @@ def train_step_flops(
   """FLOPs of one training step (whole global batch), from XLA's cost
   analysis of the step lowered with every loop unrolled (nothing compiles).
 
-  The CPU convolution gradients loop over kernel taps (models/conv.py) and
-  XLA counts a loop body once; unrolled, each tap counts.
+  XLA counts a loop body once: the scanned block runs (models/stacking.py)
+  and the CPU convolution gradients' per-tap loops (models/conv.py) are
+  unrolled so that every iteration counts.
   """
-  with conv.unrolled_loops():
+  with stacking.unrolled_loops():
     # A new jit: the trace must not come from a cache filled outside.
     lowered = trainer.jit_train_step(config, setup).lower(
       setup.abstract_state, _step_batch(config, setup)

@@ -31,7 +31,7 @@ from jmceln_jax import (
 )
 from jmceln_jax.data import datasets, pipeline
 from jmceln_jax.models import clip as clip_lib
-from jmceln_jax.models import jmceln
+from jmceln_jax.models import jmceln, stacking
 
 BEST_METRIC = "val/original/mIoU"
 # Initialisation runs once: compile it fast (XLA CPU spends most of a default
@@ -156,6 +156,11 @@ def load_clip_weights(
   host = jax.device_get(
     {"params": state.params, "batch_stats": state.batch_stats}
   )
+  # Converted weights are unrolled (torch's layout); the model may scan.
+  variables = {
+    k: stacking.match_layout(v, host[k].get("clip", {}))
+    for k, v in variables.items()
+  }
   params = checkpointing.merge_params(
     variables["params"], host["params"], NEW_PARAMS, prefix="clip/"
   )

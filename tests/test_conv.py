@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmceln_jax.models import conv
+from jmceln_jax.models import conv, stacking
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -195,7 +195,7 @@ def test_unrolled_loops_let_cost_analysis_count_every_tap():
 
   xla = flops(jax.lax.conv_general_dilated)
   looped = flops(conv.conv_general_dilated)
-  with conv.unrolled_loops():
+  with stacking.unrolled_loops():
     unrolled = flops(conv.conv_general_dilated)
   assert looped < 0.8 * xla
   assert unrolled == pytest.approx(xla, rel=0.05)

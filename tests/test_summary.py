@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from jmceln_jax import config_lib, summary, trainer
-from jmceln_jax.models import conv, jmceln
+from jmceln_jax.models import jmceln, stacking
 
 
 def _tiny_config(variant="full"):
@@ -50,7 +50,7 @@ def test_train_step_cost_compiles_the_trainer_step():
   config = _tiny_config("baseline")
   devices = summary.select_devices(2)
   cost = summary.train_step_cost(config, devices)
-  with conv.unrolled_loops():
+  with stacking.unrolled_loops():
     compiled = summary.compile_train_step(config, devices[:1])[1]
   # Lowered (all devices) = compiled for one device, loops unrolled in both.
   assert cost["GFLOPs per step"] == pytest.approx(

@@ -30,6 +30,7 @@ from jmceln_jax import (
   writers,
 )
 from jmceln_jax.models import clip as clip_lib
+from jmceln_jax.models import stacking
 
 
 @pytest.fixture(scope="module")
@@ -233,8 +234,12 @@ def test_clip_weights_merge_strictly(straight, data_dir, setup, tmp_path):
     tu.restore(straight, 8, setup)[0], setup.state_shardings
   )
   host = jax.device_get(state)
+  # The model scans the text layers; converted weights are unrolled.
+  assert (
+    stacking.SCANNED in host.params["clip"]["text"]["transformer"]["resblocks"]
+  )
   rng = np.random.default_rng(0)
-  clip = {
+  scanned = {
     "params": jax.tree.map(
       lambda x: rng.standard_normal(x.shape).astype(x.dtype),
       host.params["clip"],
@@ -242,10 +247,13 @@ def test_clip_weights_merge_strictly(straight, data_dir, setup, tmp_path):
     "batch_stats": jax.tree.map(np.ones_like, host.batch_stats["clip"]),
   }
   hparams = dict(config.model.clip)
+  unrolled = clip_lib.abstract_variables(clip_lib.CLIP(**hparams))
+  clip = {k: stacking.match_layout(v, unrolled[k]) for k, v in scanned.items()}
+  chex.assert_trees_all_equal_shapes(clip["params"], unrolled["params"])
   good = _write_clip(tmp_path / "good", clip, hparams)
   loaded = jax.device_get(trainer.load_clip_weights(state, good, config))
-  tu.assert_trees_equal(loaded.params["clip"], clip["params"])
-  tu.assert_trees_equal(loaded.batch_stats["clip"], clip["batch_stats"])
+  tu.assert_trees_equal(loaded.params["clip"], scanned["params"])
+  tu.assert_trees_equal(loaded.batch_stats["clip"], scanned["batch_stats"])
   tu.assert_trees_equal(loaded.params["head"], host.params["head"])
   drop = "text/ln_final/scale"
   missing = dict(clip, params=_edit(clip["params"], drop=drop))

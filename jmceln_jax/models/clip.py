@@ -53,6 +53,7 @@ class CLIP(nn.Module):
     transformer_layers: text residual blocks.
     freeze_bn: True: image BatchNorm always uses the running statistics.
     dtype: compute dtype (None/float32 or bfloat16); params are float32.
+    scan: scan the identical blocks of both towers (models/stacking.py).
   """
 
   embed_dim: int
@@ -66,6 +67,7 @@ class CLIP(nn.Module):
   transformer_layers: int
   freeze_bn: bool = False
   dtype: layers.Dtype | None = None
+  scan: bool = False
 
   def setup(self):
     self.visual = clip_resnet.ModifiedResNet(
@@ -76,6 +78,7 @@ class CLIP(nn.Module):
       width=self.vision_width,
       freeze_bn=self.freeze_bn,
       dtype=self.dtype,
+      scan=self.scan,
     )
     self.text = clip_text.TextTransformer(
       context_length=self.context_length,
@@ -85,6 +88,7 @@ class CLIP(nn.Module):
       num_layers=self.transformer_layers,
       embed_dim=self.embed_dim,
       dtype=self.dtype,
+      scan=self.scan,
     )
 
   def encode_image(

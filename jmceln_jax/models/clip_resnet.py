@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jmceln_jax import resize
-from jmceln_jax.models import layers
+from jmceln_jax.models import layers, stacking
 from jmceln_jax.models.conv import Conv
 
 EXPANSION = 4
@@ -110,22 +110,28 @@ class ResNetStage(nn.Module):
     blocks: number of Bottlenecks.
     stride: stride of the first block.
     dtype: compute dtype.
+    scan: scan blocks 1.. (identical shapes; models/stacking.py).
   """
 
   planes: int
   blocks: int
   stride: int
   dtype: layers.Dtype | None = None
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, use_running_average: bool) -> jax.Array:
     """[B, H, W, Cin] -> [B, H/stride, W/stride, 4 * planes]."""
-    for i in range(self.blocks):
-      stride = self.stride if i == 0 else 1
-      x = Bottleneck(self.planes, stride, self.dtype, name=str(i))(
-        x, use_running_average=use_running_average
-      )
-    return x
+    block = functools.partial(Bottleneck, self.planes, dtype=self.dtype)
+    x = block(self.stride, name="0")(x, use_running_average=use_running_average)
+    return stacking.run_blocks(
+      functools.partial(block, 1),
+      x,
+      1,
+      self.blocks,
+      self.scan,
+      use_running_average=use_running_average,
+    )
 
 
 class AttentionPool2d(nn.Module):
@@ -217,6 +223,7 @@ class ModifiedResNet(nn.Module):
     freeze_bn: True: BatchNorm always uses (and never updates) the running
       statistics. False: batch statistics when train=True.
     dtype: compute dtype; parameters are float32.
+    scan: scan the identical blocks of each stage (models/stacking.py).
   """
 
   stage_sizes: Sequence[int]
@@ -226,6 +233,7 @@ class ModifiedResNet(nn.Module):
   width: int = 64
   freeze_bn: bool = False
   dtype: layers.Dtype | None = None
+  scan: bool = False
 
   @nn.compact
   def __call__(
@@ -275,6 +283,7 @@ class ModifiedResNet(nn.Module):
         blocks,
         stride=1 if i == 0 else 2,
         dtype=self.dtype,
+        scan=self.scan,
         name=f"layer{i + 1}",
       )(x, use_running_average=use_ra)
       out[f"layer{i + 1}"] = x

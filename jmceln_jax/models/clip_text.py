@@ -67,17 +67,21 @@ class Transformer(nn.Module):
     num_layers: number of residual blocks.
     heads: attention heads.
     dtype: compute dtype.
+    scan: scan the blocks (stacked parameters, models/stacking.py).
   """
 
   num_layers: int
   heads: int
   dtype: layers.Dtype | None = None
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     """x: [B, L, D]; mask: bool [L, L] -> [B, L, D]."""
     block = functools.partial(ResidualAttentionBlock, self.heads, self.dtype)
-    return layers.Stack(block, self.num_layers, name="resblocks")(x, mask)
+    return layers.Stack(block, self.num_layers, self.scan, name="resblocks")(
+      x, mask
+    )
 
 
 class TextTransformer(nn.Module):
@@ -91,6 +95,7 @@ class TextTransformer(nn.Module):
     num_layers: residual blocks.
     embed_dim: output width of `text_projection` (CLIP's joint embedding).
     dtype: compute dtype; parameters are float32.
+    scan: scan the residual blocks (models/stacking.py).
   """
 
   context_length: int
@@ -100,6 +105,7 @@ class TextTransformer(nn.Module):
   num_layers: int
   embed_dim: int
   dtype: layers.Dtype | None = None
+  scan: bool = False
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> dict[str, jax.Array]:
@@ -136,7 +142,7 @@ class TextTransformer(nn.Module):
     x = x + pos[:length].astype(x.dtype)
     causal = jnp.tril(jnp.ones((length, length), bool))
     x = Transformer(
-      self.num_layers, self.heads, self.dtype, name="transformer"
+      self.num_layers, self.heads, self.dtype, self.scan, name="transformer"
     )(x, causal)
     words = layers.layer_norm(dtype=self.dtype, name="ln_final")(x)
     projection = self.param(

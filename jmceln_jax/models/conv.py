@@ -21,35 +21,23 @@ for a CPU, so one model definition serves every device.
 
 The CPU kernel gradients loop over the taps. XLA's cost analysis counts a
 loop body once, so FLOP counts are taken from a program traced under
-`unrolled_loops()` (see `summary.train_step_flops`).
+`stacking.unrolled_loops()` (see `summary.train_step_flops`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jmceln_jax.models import stacking
+
 Array = jax.Array
 Padding = tuple[tuple[int, int], ...]
-
-_UNROLL = [False]
-
-
-@contextlib.contextmanager
-def unrolled_loops() -> Iterator[None]:
-  """Programs traced inside unroll the per-tap loops: slower and bigger, but
-  XLA's cost analysis then counts every tap (it counts a loop body once)."""
-  _UNROLL.append(True)
-  try:
-    yield
-  finally:
-    _UNROLL.pop()
 
 
 def _channels_last(dimension_numbers: Any, ndim: int) -> bool:
@@ -80,7 +68,7 @@ def _tap_loop(
     return out.at[t].set(reduce(window, g))
 
   out = jnp.zeros((kh * kw, *kernel_shape[2:]), jnp.float32)
-  return jax.lax.fori_loop(0, kh * kw, tap, out, unroll=_UNROLL[-1])
+  return jax.lax.fori_loop(0, kh * kw, tap, out, unroll=stacking.unroll())
 
 
 # ----------------------------------------------------------------- dense ---

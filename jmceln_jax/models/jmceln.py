@@ -178,10 +178,14 @@ class JMCELN(JMCELNDecoder):
     clip: CLIP hyperparameters (config.model.clip, e.g. CLIP_RN101).
     clip_bn: "train" (CRIS: CLIP BatchNorms use and update batch statistics
       in training) or "frozen" (always running averages).
+    scan_layers: scan CLIP's identical blocks (text layers, ResNet blocks
+      1.. of each stage): stacked parameters, a much smaller program
+      (models/stacking.py).
   """
 
   clip: Mapping[str, Any] | None = None
   clip_bn: str = "train"
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(
@@ -202,6 +206,7 @@ class JMCELN(JMCELNDecoder):
       **self.clip,
       freeze_bn=self.clip_bn == "frozen",
       dtype=compute_dtype(self.dtype),
+      scan=self.scan_layers,
       name="clip",
     )
     visual = encoder.encode_image(images, train=train)

@@ -9,7 +9,8 @@ Everything here pins one torch convention in one place:
 - Multi-head attention with separate q/k/v projections (torch's
   `nn.MultiheadAttention` after splitting its fused `in_proj_weight`).
 - `Stack`: a sequence of blocks named "0", "1", ... like torch's
-  `nn.Sequential`, so parameter paths mirror torch state_dict keys.
+  `nn.Sequential`, so parameter paths mirror torch state_dict keys (or one
+  scanned block, models/stacking.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jmceln_jax.models import stacking
 
 Dtype = Any
 
@@ -172,19 +175,22 @@ class MultiheadAttention(nn.Module):
 
 
 class Stack(nn.Module):
-  """Blocks applied in sequence, named "0", "1", ... (torch nn.Sequential).
+  """Blocks applied in sequence, named "0", "1", ... (torch nn.Sequential),
+  or scanned (see models/stacking.py).
 
   Attributes:
     block: module factory taking `name=`, e.g. functools.partial(Block, ...).
     count: number of blocks.
+    scan: one scanned block with stacked parameters.
   """
 
   block: Callable[..., nn.Module]
   count: int
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
     """Returns block[count-1](...block[0](x, *args, **kwargs)...)."""
-    for i in range(self.count):
-      x = self.block(name=str(i))(x, *args, **kwargs)
-    return x
+    return stacking.run_blocks(
+      self.block, x, 0, self.count, self.scan, *args, **kwargs
+    )
