@@ -3,8 +3,9 @@ r"""The full JMCELN training step: speed, FLOPs, MFU, compile time, memory.
   python -m bench.train_step --config configs/refcoco.py --per_device_batch 1 \
       --dtype float32,bfloat16 --json bench_train_step.json
 
-For each compute dtype (`config.model.dtype`; parameters stay float32) it
-runs the trainer's exact step (`trainer.build_setup` + `trainer.jit_train_step`:
+For each compute dtype (`config.model.dtype`; parameters stay float32), and
+each --scan_layers setting when given (`--scan_layers true,false` compares
+scanned and unrolled CLIP blocks side by side), it runs the trainer's exact step (`trainer.build_setup` + `trainer.jit_train_step`:
 loss, gradients, the config's optimiser, mesh and sharding, donated state)
 from a random init on a random batch of --per_device_batch examples per
 device, and reports:
@@ -96,13 +97,16 @@ def step_config(
   dtype: str,
   remat: bool | None,
   global_batch: int,
+  scan_layers: bool | None = None,
 ) -> ml_collections.ConfigDict:
   """A copy of `config` with the compute dtype, the global batch and, unless
-  None, remat."""
+  None, remat and scan_layers."""
   config = config.copy_and_resolve_references()
   config.model.dtype = dtype
   if remat is not None:
     config.model.remat = remat
+  if scan_layers is not None:
+    config.model.scan_layers = scan_layers
   config.input.global_batch_size = global_batch
   return config
 
@@ -193,6 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     [
       ("dtype", "step dtype", "s"),
       ("remat", "remat", ""),
+      ("scan_layers", "scan", ""),
       ("global_batch", "batch", "d"),
       ("compile_s", "compile s", ".1f"),
       ("first_step_s", "1st step s", ".1f"),
@@ -207,9 +212,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   print()
   table.header()
   results = []
-  for dtype in args.dtype:
+  settings = [(d, s) for d in args.dtype for s in args.scan_layers or [None]]
+  for dtype, scan in settings:
     config = step_config(
-      base, dtype=dtype, remat=args.remat, global_batch=global_batch
+      base,
+      dtype=dtype,
+      remat=args.remat,
+      global_batch=global_batch,
+      scan_layers=scan,
     )
     r = measure_step(
       config, devices, steps=args.steps, warmup=args.warmup, seed=args.seed
@@ -219,6 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     r.update(
       dtype=dtype,
       remat=config.model.remat,
+      scan_layers=config.model.scan_layers,
       devices=n,
       global_batch=global_batch,
       steps_per_s=1 / step_s,
@@ -259,6 +270,15 @@ def _dtypes(value: str) -> list[str]:
   return out
 
 
+def _bools(value: str) -> list[bool]:
+  words = [v.strip().lower() for v in value.split(",") if v.strip()]
+  if not words or not set(words) <= {"true", "false"}:
+    raise argparse.ArgumentTypeError(
+      f"--scan_layers wants true and/or false, comma-separated; got {value!r}"
+    )
+  return [w == "true" for w in words]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   """The command-line flags (see the module docstring)."""
   p = argparse.ArgumentParser(
@@ -288,6 +308,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     action=argparse.BooleanOptionalAction,
     help="rematerialise the cascade stages (config.model.remat; default: "
     "the config's)",
+  )
+  p.add_argument(
+    "--scan_layers",
+    type=_bools,
+    help="scan CLIP's identical blocks (config.model.scan_layers), "
+    "comma-separated for rows side by side, e.g. true,false (default: the "
+    "config's)",
   )
   p.add_argument(
     "--devices",

@@ -59,19 +59,26 @@ def test_train_step_tiny(tmp_path, capsys):
     train_step.main,
     tmp_path,
     *("--config", config, "--dtype", "float32", "--devices", "1"),
+    *("--scan_layers", "true,false"),
   )
   assert out["matmul"]["float32"]["gflops"] == pytest.approx(2 * 256**3 / 1e9)
   assert out["matmul"]["float32"]["tflops_per_s"] > 0
-  (r,) = out["results"]
-  assert (r["dtype"], r["global_batch"], r["devices"]) == ("float32", 2, 1)
-  for key in ("compile_s", "first_step_s", "samples_per_s", "mfu"):
-    assert r[key] > 0, key
-  assert r["gflops_per_step"] == pytest.approx(2 * r["gflops_per_sample"])
-  assert r["mfu"] == pytest.approx(
-    r["achieved_tflops_per_device"] / r["peak_tflops_per_device"]
+  scanned, unrolled = out["results"]
+  assert (scanned["scan_layers"], unrolled["scan_layers"]) == (True, False)
+  # Every scanned block counts (the tiny text tower scans 2 layers).
+  assert scanned["gflops_per_sample"] == pytest.approx(
+    unrolled["gflops_per_sample"], rel=1e-3
   )
-  assert 0 < r["memory_gib"]["peak"] < 1
-  assert math.isfinite(r["loss"])
+  for r in out["results"]:
+    assert (r["dtype"], r["global_batch"], r["devices"]) == ("float32", 2, 1)
+    for key in ("compile_s", "first_step_s", "samples_per_s", "mfu"):
+      assert r[key] > 0, key
+    assert r["gflops_per_step"] == pytest.approx(2 * r["gflops_per_sample"])
+    assert r["mfu"] == pytest.approx(
+      r["achieved_tflops_per_device"] / r["peak_tflops_per_device"]
+    )
+    assert 0 < r["memory_gib"]["peak"] < 1
+    assert math.isfinite(r["loss"])
   assert "MFU %" in capsys.readouterr().out
 
 
