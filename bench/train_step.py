@@ -5,10 +5,10 @@ r"""The full JMCELN training step: speed, FLOPs, MFU, compile time, memory.
 
 For each compute dtype (`config.model.dtype`; parameters stay float32), and
 each --scan_layers setting when given (`--scan_layers true,false` compares
-scanned and unrolled CLIP blocks side by side), it runs the trainer's exact step (`trainer.build_setup` + `trainer.jit_train_step`:
-loss, gradients, the config's optimiser, mesh and sharding, donated state)
-from a random init on a random batch of --per_device_batch examples per
-device, and reports:
+scanned and unrolled CLIP blocks side by side), it runs the trainer's exact
+step (`trainer.build_setup` + `trainer.jit_train_step`: loss, gradients, the
+config's optimiser, mesh and sharding, donated state) from a random init on a
+random batch of --per_device_batch examples per device, and reports:
 
 - compile time, per-device memory (arguments + outputs + temporaries -
   aliased) and FLOPs per sample, all from `jmceln_jax.summary.train_step_cost`

@@ -3,14 +3,15 @@
   python -m jmceln_jax.summary --config configs/refcoco.py [--devices=2]
 
 Nothing is executed: parameters come from `jax.eval_shape`, FLOPs from XLA's
-cost analysis of the compiled forward pass (batch 1, eval mode), and the
-training step's memory and FLOPs from compiling the trainer's own step
-(`trainer.jit_train_step`: loss, gradients with accumulation, the configured
-optimiser, the config's mesh and parameter sharding, donated state) on
-abstract inputs: the global batch `input.global_batch_size` split over
-`--devices` devices. So the full paper model can be summarised on a laptop
-CPU (compiling its training step takes a few minutes there); --devices
-simulates that many CPU devices when the machine has no accelerator.
+cost analysis of the forward pass (batch 1, eval mode) and of the training
+step, each lowered with every loop unrolled, and the training step's memory
+from compiling the trainer's own step (`trainer.jit_train_step`: loss,
+gradients with accumulation, the configured optimiser, the config's mesh and
+parameter sharding, donated state) on abstract inputs: the global batch
+`input.global_batch_size` split over `--devices` devices. So the full paper
+model can be summarised on a laptop CPU (compiling its training step takes
+about a minute there); --devices simulates that many CPU devices when the
+machine has no accelerator.
 """
 
 from __future__ import annotations
@@ -151,21 +152,20 @@ def _compile(jitted: Any, *args: Any, what: str) -> tuple[Any, float]:
 def forward_gflops(
   model: nn.Module, config: ml_collections.ConfigDict
 ) -> float:
-  """GFLOPs of one image's forward pass (eval mode), from XLA."""
+  """GFLOPs of one image's forward pass (eval mode), from XLA's cost
+  analysis of the pass lowered with every loop unrolled (nothing compiles;
+  see train_step_flops)."""
   batch = abstract_batch(1, config)
   apply = jax.jit(
     lambda variables, images, tokens: model.apply(
       variables, train_lib.model_images(images), tokens, train=False
     )
   )
-  compiled, _ = _compile(
-    apply,
-    abstract_variables(model, config),
-    batch["image"],
-    batch["tokens"],
-    what="forward pass",
-  )
-  return xla_cost(compiled, "flops") / 1e9
+  with stacking.unrolled_loops():
+    lowered = apply.lower(
+      abstract_variables(model, config), batch["image"], batch["tokens"]
+    )
+  return xla_cost(lowered, "flops") / 1e9
 
 
 def select_devices(count: int | None) -> list[jax.Device]:
