@@ -169,6 +169,24 @@ def int_list(flag: str, minimum: int = 1) -> Callable[[str], list[int]]:
   return parse
 
 
+def choice_list(
+  flag: str, choices: Mapping[str, Any]
+) -> Callable[[str], list[Any]]:
+  """An argparse type: comma-separated words among `choices` (case
+  ignored), each turned into its value, e.g. "true,false" -> [True, False]."""
+
+  def parse(value: str) -> list[Any]:
+    words = [v.strip().lower() for v in value.split(",") if v.strip()]
+    if not words or not set(words) <= set(choices):
+      raise argparse.ArgumentTypeError(
+        f"{flag} wants {' and/or '.join(choices)}, comma-separated; "
+        f"got {value!r}"
+      )
+    return [choices[w] for w in words]
+
+  return parse
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """A config file's `get_config(arg)`, as the training CLI reads it.
 

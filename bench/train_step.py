@@ -261,24 +261,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   )
 
 
-def _dtypes(value: str) -> list[str]:
-  out = [v.strip() for v in value.split(",") if v.strip()]
-  if not out or not set(out) <= {"float32", "bfloat16"}:
-    raise argparse.ArgumentTypeError(
-      f"--dtype wants float32 and/or bfloat16, comma-separated; got {value!r}"
-    )
-  return out
-
-
-def _bools(value: str) -> list[bool]:
-  words = [v.strip().lower() for v in value.split(",") if v.strip()]
-  if not words or not set(words) <= {"true", "false"}:
-    raise argparse.ArgumentTypeError(
-      f"--scan_layers wants true and/or false, comma-separated; got {value!r}"
-    )
-  return [w == "true" for w in words]
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   """The command-line flags (see the module docstring)."""
   p = argparse.ArgumentParser(
@@ -299,7 +281,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   )
   p.add_argument(
     "--dtype",
-    type=_dtypes,
+    type=common.choice_list(
+      "--dtype", {"float32": "float32", "bfloat16": "bfloat16"}
+    ),
     default=["float32", "bfloat16"],
     help="compute dtypes (config.model.dtype), comma-separated",
   )
@@ -311,7 +295,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   )
   p.add_argument(
     "--scan_layers",
-    type=_bools,
+    type=common.choice_list("--scan_layers", {"true": True, "false": False}),
     help="scan CLIP's identical blocks (config.model.scan_layers), "
     "comma-separated for rows side by side, e.g. true,false (default: the "
     "config's)",

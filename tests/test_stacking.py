@@ -8,19 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jmceln_jax import config_lib
 from jmceln_jax.models import stacking
 from jmceln_jax.models.clip import CLIP
 
+# Runs to scan in both towers: layer2-4 (1, 2, 1 scanned blocks), 3 text layers.
 HPARAMS = dict(
-  embed_dim=32,
-  image_resolution=64,
-  vision_layers=(1, 2, 3, 2),
-  vision_width=8,
-  context_length=8,
-  vocab_size=100,
-  transformer_width=32,
-  transformer_heads=2,
-  transformer_layers=3,
+  config_lib.CLIP_TINY, vision_layers=(1, 2, 3, 2), transformer_layers=3
 )
 IMAGES = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
 TOKENS = jnp.array([[1, 5, 99, 0, 0, 0, 0, 0], [1, 7, 8, 99, 0, 0, 0, 0]])
@@ -50,7 +44,7 @@ def test_layouts():
   assert sorted(variables["visual"]["layer1"]) == ["0"]  # Nothing to scan.
   resblocks = variables["text"]["transformer"]["resblocks"]
   assert list(resblocks) == [stacking.SCANNED]
-  chex.assert_shape(resblocks[stacking.SCANNED]["ln_1"]["scale"], (3, 32))
+  chex.assert_shape(resblocks[stacking.SCANNED]["ln_1"]["scale"], (3, 64))
 
 
 def test_match_layout_round_trip(models):
