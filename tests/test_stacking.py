@@ -2,6 +2,8 @@
 gradients and batch statistics as the unrolled blocks, layouts convertible
 both ways, every iteration counted under unrolled_loops."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 
 from jmceln_jax import config_lib
-from jmceln_jax.models import stacking
+from jmceln_jax.models import clip_resnet, stacking
 from jmceln_jax.models.clip import CLIP
 
 # Runs to scan in both towers: layer2-4 (1, 2, 1 scanned blocks), 3 text layers.
@@ -103,3 +105,26 @@ def test_unrolled_loops_count_every_block(models):
   assert flops(scanned, restacked) < 0.97 * reference
   with stacking.unrolled_loops():
     assert flops(scanned, restacked) == pytest.approx(reference, rel=0.01)
+
+
+def test_materialize_is_the_identity():
+  x = jax.random.normal(jax.random.key(2), (2, 3, 4))
+  w = jax.random.normal(jax.random.key(3), (2, 3, 4))
+  chex.assert_trees_all_equal(jax.jit(stacking.materialize)(x), x)
+  grad = jax.grad(lambda x: (stacking.materialize(x) * w).sum())(x)
+  chex.assert_trees_all_equal(grad, w)
+
+
+def test_residual_stream_computed_once():
+  """XLA's CPU fusion would recompute every earlier block's residual tail
+  (BatchNorm bn3 + add + ReLU) in each block of an unrolled ResNet stage;
+  with the Bottleneck's `materialize` no fusion reads bn3 of two blocks."""
+  stage = clip_resnet.ResNetStage(planes=4, blocks=6, stride=1)
+  x = jnp.ones((1, 8, 8, 16))
+  variables = stage.init(jax.random.key(0), x, use_running_average=True)
+  apply = jax.jit(lambda v, x: stage.apply(v, x, use_running_average=True))
+  hlo = apply.lower(variables, x).compile().as_text()
+  fusions = re.findall(r"= \S+ fusion\((.*?)\), kind=", hlo)
+  blocks = [set(re.findall(r"____(\d+)____bn3", args)) for args in fusions]
+  assert any(blocks)  # The check sees the bn3 operands at all.
+  assert max(map(len, blocks)) == 1, blocks

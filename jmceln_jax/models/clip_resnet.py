@@ -99,7 +99,9 @@ class Bottleneck(nn.Module):
       x = ConvBN(
         EXPANSION * self.planes, self.stride, self.dtype, name="downsample"
       )(x, use_running_average=use_running_average)
-    return nn.relu(out + x)
+    # Its own buffer: XLA's CPU fusion would otherwise recompute the residual
+    # stream of all earlier blocks in this one (stacking.materialize).
+    return stacking.materialize(nn.relu(out + x))
 
 
 class ResNetStage(nn.Module):
