@@ -3,10 +3,11 @@ weight decay and optional gradient clipping.
 
 Parameters are addressed by their '/'-joined path in the params tree, e.g.
 `clip/visual/layer3/0/conv2/kernel` (with model.scan_layers, blocks 1.. of
-a stage share one stacked `clip/visual/layer3/scanned/conv2/kernel`). `config.optim.lr_mults` is a sequence of
-`(regex, multiplier)` pairs; the first regex that fully matches a path decides
-its multiplier (default 1). A multiplier of 0 freezes the parameter: it gets no
-optimiser state and is never updated.
+a stage share one stacked `clip/visual/layer3/scanned/conv2/kernel`).
+`config.optim.lr_mults` is a sequence of `(regex, multiplier)` pairs; the
+first regex that fully matches a path decides its multiplier (default 1). A
+multiplier of 0 freezes the parameter: it gets no optimiser state and is
+never updated.
 """
 
 from __future__ import annotations

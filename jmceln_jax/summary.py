@@ -149,23 +149,31 @@ def _compile(jitted: Any, *args: Any, what: str) -> tuple[Any, float]:
   return compiled, seconds
 
 
+def unrolled_flops(jitted: Any, *args: Any) -> float:
+  """FLOPs from XLA's cost analysis of `jitted` lowered on `args` with every
+  loop unrolled (nothing compiles). XLA counts a loop body once: the
+  scanned block runs (models/stacking.py) and the CPU convolution
+  gradients' per-tap loops (models/conv.py) are unrolled so that every
+  iteration counts. `jitted` must be a fresh jit: a trace cached outside
+  would keep its loops."""
+  with stacking.unrolled_loops():
+    lowered = jitted.lower(*args)
+  return xla_cost(lowered, "flops")
+
+
 def forward_gflops(
   model: nn.Module, config: ml_collections.ConfigDict
 ) -> float:
   """GFLOPs of one image's forward pass (eval mode), from XLA's cost
-  analysis of the pass lowered with every loop unrolled (nothing compiles;
-  see train_step_flops)."""
+  analysis of the pass lowered with every loop unrolled (unrolled_flops)."""
   batch = abstract_batch(1, config)
   apply = jax.jit(
     lambda variables, images, tokens: model.apply(
       variables, train_lib.model_images(images), tokens, train=False
     )
   )
-  with stacking.unrolled_loops():
-    lowered = apply.lower(
-      abstract_variables(model, config), batch["image"], batch["tokens"]
-    )
-  return xla_cost(lowered, "flops") / 1e9
+  variables = abstract_variables(model, config)
+  return unrolled_flops(apply, variables, batch["image"], batch["tokens"]) / 1e9
 
 
 def select_devices(count: int | None) -> list[jax.Device]:
@@ -220,18 +228,12 @@ def train_step_flops(
   config: ml_collections.ConfigDict, setup: trainer.Setup
 ) -> float:
   """FLOPs of one training step (whole global batch), from XLA's cost
-  analysis of the step lowered with every loop unrolled (nothing compiles).
-
-  XLA counts a loop body once: the scanned block runs (models/stacking.py)
-  and the CPU convolution gradients' per-tap loops (models/conv.py) are
-  unrolled so that every iteration counts.
-  """
-  with stacking.unrolled_loops():
-    # A new jit: the trace must not come from a cache filled outside.
-    lowered = trainer.jit_train_step(config, setup).lower(
-      setup.abstract_state, _step_batch(config, setup)
-    )
-  return xla_cost(lowered, "flops")
+  analysis of the step lowered with every loop unrolled (unrolled_flops)."""
+  return unrolled_flops(
+    trainer.jit_train_step(config, setup),  # A fresh jit.
+    setup.abstract_state,
+    _step_batch(config, setup),
+  )
 
 
 def train_step_cost(
