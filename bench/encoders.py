@@ -45,7 +45,7 @@ import jax
 import numpy as np
 
 from bench import common
-from jmceln_jax import config_lib, convert_clip, train_lib, trainer
+from jmceln_jax import config_lib, convert_clip, train_lib, xla_options
 from jmceln_jax.models import clip
 
 _PACKAGES = (*common.JAX_PACKAGES, "torch", "clip-anytorch")
@@ -124,7 +124,9 @@ def jax_clip(
     1, hparams["image_resolution"], hparams["context_length"]
   )
   init = jax.jit(model.init).lower(key, *dummy)
-  return model, init.compile(compiler_options=trainer.FAST_COMPILE)(key, *dummy)
+  return model, init.compile(compiler_options=xla_options.FAST_COMPILE)(
+    key, *dummy
+  )
 
 
 def time_jax(
@@ -137,7 +139,7 @@ def time_jax(
     "gflops"} with the program's GFLOPs from XLA's cost analysis).
   """
   start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
+  compiled = jax.jit(fn).lower(*args).compile(xla_options.for_dtype())
   seconds = time.perf_counter() - start
   stats = common.time_calls(
     lambda: jax.block_until_ready(compiled(*args)),

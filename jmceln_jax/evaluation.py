@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jmceln_jax import metrics, sharding, train_lib
+from jmceln_jax import metrics, sharding, train_lib, xla_options
 from jmceln_jax.data import pipeline
 
 # Fields of an evaluation batch that go to the device.
@@ -57,6 +57,7 @@ class Evaluator:
       functools.partial(_eval_fn, model=model, with_logits=with_logits),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=sharding.replicated(mesh),
+      compiler_options=xla_options.for_dtype(model.dtype),
     )
 
   def run(

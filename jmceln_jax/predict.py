@@ -42,6 +42,7 @@ from jmceln_jax import (
   train_lib,
   trainer,
   visualize,
+  xla_options,
 )
 
 CONFIG_NAME = "config.json"
@@ -212,7 +213,10 @@ class Predictor:
     self.max_batch = max_batch
     self.checkpoint = checkpoint
     self._tokenizer = text.Tokenizer(int(input_cfg.max_len), input_cfg.vocab)
-    self._forward = jax.jit(functools.partial(train_lib.predict, model=model))
+    self._forward = jax.jit(
+      functools.partial(train_lib.predict, model=model),
+      compiler_options=xla_options.for_dtype(model.dtype),
+    )
 
   @classmethod
   def from_workdir(

@@ -28,18 +28,13 @@ from jmceln_jax import (
   sharding,
   train_lib,
   writers,
+  xla_options,
 )
 from jmceln_jax.data import datasets, pipeline
 from jmceln_jax.models import clip as clip_lib
 from jmceln_jax.models import jmceln, stacking
 
 BEST_METRIC = "val/original/mIoU"
-# Initialisation runs once: compile it fast (XLA CPU spends most of a default
-# compile optimising the many random initialisers).
-FAST_COMPILE = {
-  "xla_backend_optimization_level": 0,
-  "xla_llvm_disable_expensive_passes": True,
-}
 # Parameters that converted CLIP weights never provide: the whole decoder
 # and the dense attention pool's new `connect` branch.
 NEW_PARAMS = (r"(?!clip/).*", r"clip/visual/attnpool/connect.*")
@@ -186,7 +181,9 @@ def initial_state(
   converted CLIP weights of `config.init.clip_dir` if set."""
   key = jax.random.key(config.seed)
   init = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)
-  state = init.lower(key).compile(compiler_options=FAST_COMPILE)(key)
+  state = init.lower(key).compile(compiler_options=xla_options.FAST_COMPILE)(
+    key
+  )
   if config.init.clip_dir:
     state = load_clip_weights(state, config.init.clip_dir, config)
   return state
@@ -209,6 +206,7 @@ def jit_train_step(
     in_shardings=(setup.state_shardings, sharding.batch_sharding(setup.mesh)),
     out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
     donate_argnums=(0,),
+    compiler_options=xla_options.for_dtype(config.model.dtype),
   )
 
 

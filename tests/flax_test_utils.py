@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -38,3 +39,16 @@ def random_variables(abstract: Any, seed: int, scale: float = 0.3) -> Any:
     return (scale * rng.normal(size=x.shape)).astype(np.float32)
 
   return jax.tree.map_with_path(fill, abstract)
+
+
+def ynnpack_ops(compiled: str) -> set[str]:
+  """Opcodes inside the YNNPACK fusions of a compiled program's text."""
+  bodies = dict(
+    re.findall(r"\n%?([\w.-]+) [^\n]*\{\n(.*?)\n\}", compiled, re.S)
+  )
+  called = re.findall(r"calls=%?([\w.-]+)[^\n]*__ynn_fusion", compiled)
+  return {
+    op
+    for name in called
+    for op in re.findall(r"= \S+ ([a-z-]+)\(", bodies.get(name, ""))
+  }

@@ -19,6 +19,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax_test_utils import ynnpack_ops
 from PIL import Image
 
 from configs import tiny
@@ -183,6 +184,18 @@ def test_table1_row_next_to_paper():
   assert lines[1].split() == ["val", "testA", "testB"]
   assert lines[2].split() == ["this", "run", "1.50", "-", "2.00"]
   assert lines[3].split()[-3:] == ["66.99", "72.69", "57.34"]
+
+
+def test_predictor_leaves_convolutions_to_xla(predictor):
+  """Prediction compiles with xla_options.for_dtype (float32, CPU)."""
+  size, length = predictor.image_size, tiny.get_config().input.max_len
+  compiled = predictor._forward.lower(
+    predictor.state,
+    np.zeros((1, size, size, 3), np.uint8),
+    np.zeros((1, length), np.int32),
+  ).compile()
+  assert " convolution(" in compiled.as_text()
+  assert "convolution" not in ynnpack_ops(compiled.as_text())
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA"])

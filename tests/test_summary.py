@@ -6,6 +6,7 @@ for a tiny baseline model on 2 of the simulated CPU devices.
 
 import jax
 import pytest
+from flax_test_utils import ynnpack_ops
 
 from jmceln_jax import config_lib, summary, trainer
 from jmceln_jax.models import jmceln, stacking
@@ -56,6 +57,9 @@ def test_train_step_cost_compiles_the_trainer_step():
   assert cost["GFLOPs per step"] == pytest.approx(
     summary.xla_cost(compiled, "flops") / 1e9, rel=0.05
   )
+  # float32 on the CPU: compiled with xla_options.for_dtype.
+  assert " convolution(" in compiled.as_text()
+  assert "convolution" not in ynnpack_ops(compiled.as_text())
   state = trainer.build_setup(config, 4, devices).abstract_state
   batch = summary.abstract_batch(config.input.global_batch_size, config)
   # Per device: the whole (replicated) state, donated, and half the batch.
