@@ -173,9 +173,11 @@ def test_device_count_and_fsdp_do_not_change_training(
 ):
   """Only the floating-point summation order differs between meshes (the
   BatchNorm statistics of a sharded batch are global under jit): the first
-  step's loss, gradient norm and statistics agree to 1e-5. Adam then turns
-  the tiny differences of near-zero gradients into updates of up to +-lr,
-  so later steps agree to 2e-4 and the parameters to 2 * lr * steps."""
+  step's loss and statistics agree to 1e-5, its gradient norm to 3e-5 (XLA's
+  CPU convolutions block their sums by shape, and FSDP's shapes differ).
+  Adam then turns the tiny differences of near-zero gradients into updates
+  of up to +-lr, so later steps agree to 2e-4 and the parameters to
+  2 * lr * steps."""
   config = tu.make_config(data_dir)
   init = jax.device_get(trainer.initial_state(config, setup))
   batches = tu.train_batches(config, 3)
@@ -200,7 +202,7 @@ def test_device_count_and_fsdp_do_not_change_training(
       assert sum("fsdp" in spec for spec in specs) > 50, name
     close = functools.partial(np.testing.assert_allclose, err_msg=name)
     close(m[0]["loss"], ref_m[0]["loss"], rtol=1e-5)
-    close(m[0]["grad_norm"], ref_m[0]["grad_norm"], rtol=1e-5)
+    close(m[0]["grad_norm"], ref_m[0]["grad_norm"], rtol=3e-5)
     jax.tree.map(
       functools.partial(close, rtol=1e-5, atol=1e-6), stats, ref_stats
     )
