@@ -8,10 +8,11 @@
   convolutions to XLA's own CPU kernels (Eigen) instead of YNNPACK, and
   keeps YNNPACK for matmuls and reductions. Measured on 2 cores
   (docs/benchmarks.md): the stride-1 3x3 convolutions of CLIP's ResNet run
-  up to 1.6x faster, its image encoder's forward pass in 0.85-0.97x the
-  time, the paper config's training step in 0.94-0.96x and its prediction
-  in 0.93-0.95x. bfloat16 programs keep XLA's defaults (not measured with
-  Eigen's bfloat16 convolutions).
+  up to 1.6x faster, its image encoder's forward pass in 0.90-0.97x the
+  time, the paper config's training step in 0.96x and its prediction in
+  0.95x. bfloat16 programs keep XLA's defaults: with Eigen's bfloat16
+  convolutions the paper model's logits (random weights, scale 2) moved by
+  up to 1.05, against 2e-4 in float32, for no clear gain in speed.
 
 Options apply per compiled program: nothing global changes. A user's own
 `--xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS wins (`for_dtype` then
