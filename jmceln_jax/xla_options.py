@@ -8,7 +8,7 @@
   convolutions to XLA's own CPU kernels (Eigen) instead of YNNPACK, and
   keeps YNNPACK for matmuls and reductions. Measured on 2 cores
   (docs/benchmarks.md): the stride-1 3x3 convolutions of CLIP's ResNet run
-  up to 1.6x faster, its image encoder's forward pass in 0.90-0.97x the
+  up to 1.5x faster, its image encoder's forward pass in 0.90-0.97x the
   time, the paper config's training step in 0.96x and its prediction in
   0.95x. bfloat16 programs keep XLA's defaults: with Eigen's bfloat16
   convolutions the paper model's logits (random weights, scale 2) moved by
