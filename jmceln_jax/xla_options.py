@@ -54,22 +54,23 @@ def for_dtype(dtype: Any = None) -> dict[str, Any]:
     XLA_FLAGS does not set the YNNPACK fusion types and this jaxlib accepts
     them; else {} (XLA's defaults).
   """
-  if jnp.dtype(dtype or jnp.float32) != jnp.float32:
-    return {}
-  return dict(_cpu_float32())
+  float32 = jnp.dtype(dtype or jnp.float32) == jnp.float32
+  return dict(CPU_FLOAT32) if float32 and _cpu_takes_options() else {}
 
 
 @functools.cache
-def _cpu_float32() -> tuple[tuple[str, Any], ...]:
+def _cpu_takes_options() -> bool:
+  """Whether CPU_FLOAT32 applies: the default backend is the CPU, XLA_FLAGS
+  leaves the YNNPACK fusion types alone and this jaxlib accepts them."""
   if jax.default_backend() != "cpu":
-    return ()
+    return False
   if YNN_FUSIONS in os.environ.get("XLA_FLAGS", ""):
-    return ()
+    return False
   try:
     jax.jit(jnp.negative).lower(jnp.float32(0)).compile(
       compiler_options=CPU_FLOAT32
     )
   except jax.errors.JaxRuntimeError as e:
     logging.info("XLA's default compile options: %s", e)
-    return ()
-  return tuple(CPU_FLOAT32.items())
+    return False
+  return True

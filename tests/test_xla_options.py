@@ -20,9 +20,9 @@ def _conv_and_dot(x, kernel, a, b):
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-  xla_options._cpu_float32.cache_clear()
+  xla_options._cpu_takes_options.cache_clear()
   yield
-  xla_options._cpu_float32.cache_clear()
+  xla_options._cpu_takes_options.cache_clear()
 
 
 def test_options_by_dtype():
