@@ -1,17 +1,21 @@
 """Convolutions that run fast on every backend, with nn.Conv's parameters.
 
 XLA's GPU/TPU convolutions are fast in both directions. Its CPU backend
-(YNNPACK) runs forward convolutions near its matmul speed but lowers three
-things badly (measured in the paper's train step on 2 cores, bench/):
+runs forward convolutions near its matmul speed but lowers four things badly
+(measured in the paper's train step on 2 cores, bench/):
 - 1x1 convolutions: about half as fast as the same matmul;
+- input gradients: XLA hands its CPU convolution the kernel with input and
+  output features swapped in place (HWOI), 4-5x slower than HWIO;
 - kernel gradients of dense convolutions, lowered as a convolution over the
   batch: 10-45 GFLOP/s against ~100 GFLOP/s for the forward pass;
 - depthwise (grouped) convolutions: ~1 GFLOP/s forward and backward.
 
 So, with the same parameters and results:
 - `conv_general_dilated` (the hook `Conv` gives `nn.Conv`) runs channels-last
-  1x1 convolutions as matmuls on every backend, and computes the kernel
-  gradient of stride-1 convolutions on the CPU as one matmul per kernel tap;
+  1x1 convolutions as matmuls on every backend, and computes the gradients
+  of stride-1 convolutions on the CPU in its own forms: the input gradient
+  as a convolution with an explicitly flipped kernel, the kernel gradient as
+  one matmul per kernel tap;
 - `depthwise_conv` runs as a sum of shifted products on the CPU and as a
   grouped convolution elsewhere, with a kernel gradient that costs what the
   forward pass costs on every backend.
@@ -50,25 +54,38 @@ def _channels_last(dimension_numbers: Any, ndim: int) -> bool:
 
 
 def _tap_loop(
-  xp: Array,
-  g: Array,
-  kernel_shape: Sequence[int],
-  dilation: Sequence[int],
-  reduce: Callable[[Array, Array], Array],
+  taps: int, shape: Sequence[int], body: Callable[[Array], Array]
 ) -> Array:
-  """[kh * kw, *kernel_shape[2:]] float32: reduce(window, g) for every tap's
-  window of the padded input, one tap per loop step (one window alive at a
-  time: faster on the CPU, and ~4x less memory, than all taps side by
-  side)."""
-  (kh, kw), (dh, dw) = kernel_shape[:2], dilation
-  size = (*g.shape[:-1], xp.shape[-1])
+  """[taps, *shape] float32: body(t) for every kernel tap t, one tap per loop
+  step (one tap's operands alive at a time: faster on the CPU, and ~4x less
+  memory, than all taps side by side)."""
+  out = jnp.zeros((taps, *shape), jnp.float32)
+  return jax.lax.fori_loop(
+    0,
+    taps,
+    lambda t, out: out.at[t].set(body(t)),
+    out,
+    unroll=stacking.unroll(),
+  )
 
-  def tap(t, out):
-    window = jax.lax.dynamic_slice(xp, (0, t // kw * dh, t % kw * dw, 0), size)
-    return out.at[t].set(reduce(window, g))
 
-  out = jnp.zeros((kh * kw, *kernel_shape[2:]), jnp.float32)
-  return jax.lax.fori_loop(0, kh * kw, tap, out, unroll=stacking.unroll())
+def _window(
+  xp: Array, t: Array, size: Sequence[int], kw: int, dilation: Sequence[int]
+) -> Array:
+  """[*size]: tap t's window of the padded input xp [B, Hp, Wp, C]."""
+  dh, dw = dilation
+  return jax.lax.dynamic_slice(xp, (0, t // kw * dh, t % kw * dw, 0), size)
+
+
+def flat_taps(padded_width: int, out_width: int) -> bool:
+  """Whether the CPU kernel gradient takes flat runs rather than windows.
+
+  A flat run covers the padded width, so it does (padded - out) / out more
+  work than a window, all of it on zeros. Runs are taken while that waste
+  is at most 1/16, i.e. for the large, lightly padded maps where they pay
+  (1.3-2.6x at 104-416 pixels wide with 1-pixel padding, even at 52).
+  """
+  return 16 * (padded_width - out_width) <= out_width
 
 
 # ----------------------------------------------------------------- dense ---
@@ -111,18 +128,66 @@ def _xla_dk(x, g, kernel, **conv_args):
 
 def _tap_dk(x, g, kernel, *, padding, dilation, **unused):
   """Kernel gradient as one matmul per tap, float32 accumulation:
-  dk[i, j] = sum_{b,h,w} x_pad[b, h + i*dh, w + j*dw]^T g[b, h, w]."""
+  dk[i, j] = sum_{b,h,w} x_pad[b, h + i*dh, w + j*dw]^T g[b, h, w].
+
+  Where `flat_taps` allows, each tap reads one contiguous run instead of a
+  strided window: with g zero-padded to the padded width Wp and both
+  flattened over (h, w), tap (i, j) is rows [i*dh*Wp + j*dw, + Ho*Wp) of
+  the flat input (columns past the window meet g's zeros), a plain
+  [Co, Ho*Wp] @ [Ho*Wp, Ci] matmul with g transposed once. The windowed
+  form makes XLA copy and transpose every window first.
+  """
+  (kh, kw), (dh, dw) = kernel.shape[:2], dilation
   xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  dk = _tap_loop(
-    xp,
-    g,
-    kernel.shape,
-    dilation,
-    functools.partial(
-      jnp.einsum, "bhwi,bhwo->io", preferred_element_type=jnp.float32
-    ),
-  )
+  (b, hp, wp, ci), (ho, wo, co) = xp.shape, g.shape[1:]
+  f32 = jnp.float32
+  if flat_taps(wp, wo):
+    rows = ho * wp
+    # The last tap's run ends (kw - 1) * dw past the padded input.
+    tail = ((0, 0), (0, (kw - 1) * dw), (0, 0))
+    flat = jnp.pad(xp.reshape(b, hp * wp, ci), tail)
+    g_t = jnp.pad(g, ((0, 0), (0, 0), (0, wp - wo), (0, 0)))
+    g_t = g_t.reshape(b, rows, co).transpose(2, 0, 1)  # [Co, B, Ho*Wp]
+
+    def body(t):
+      start = t // kw * dh * wp + t % kw * dw
+      run = jax.lax.dynamic_slice_in_dim(flat, start, rows, axis=1)
+      return jnp.einsum("obq,bqi->oi", g_t, run, preferred_element_type=f32)
+
+    # [Co, Ci] per tap: transposed in the loop, the product would become a
+    # dot XLA's CPU runtime cannot run in bfloat16.
+    dk = _tap_loop(kh * kw, (co, ci), body).transpose(0, 2, 1)
+  else:
+    size = (*g.shape[:-1], ci)
+
+    def body(t):
+      window = _window(xp, t, size, kw, dilation)
+      return jnp.einsum("bhwi,bhwo->io", window, g, preferred_element_type=f32)
+
+    dk = _tap_loop(kh * kw, (ci, co), body)
   return dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _xla_dx(x, g, kernel, **conv_args):
+  """Input gradient of `_xla_conv` as XLA derives it."""
+  return jax.vjp(lambda x_: _xla_conv(x_, kernel, **conv_args), x)[1](g)[0]
+
+
+def _flipped_dx(x, g, kernel, *, padding, dilation, **conv_args):
+  """Input gradient as a forward convolution of g with the flipped kernel,
+  its input and output features swapped (HWIO again).
+
+  XLA's own derivation hands its CPU convolution the kernel as HWOI, which
+  runs 4-5x slower than the same convolution with an HWIO kernel (3x3, 64-256
+  channels, 26-104 pixels, 2 cores); here the swap is done on the kernel.
+  """
+  del x
+  pads = tuple(
+    ((k - 1) * d - lo, (k - 1) * d - hi)
+    for k, d, (lo, hi) in zip(kernel.shape[:2], dilation, padding, strict=True)
+  )
+  flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+  return _xla_conv(g, flipped, padding=pads, dilation=dilation, **conv_args)
 
 
 def _dense_bwd(padding, dilation, dimension_numbers, precision, res, g):
@@ -133,13 +198,15 @@ def _dense_bwd(padding, dilation, dimension_numbers, precision, res, g):
     dimension_numbers=dimension_numbers,
     precision=precision,
   )
-  (dx,) = jax.vjp(lambda x_: _xla_conv(x_, kernel, **conv_args), x)[1](g)
-  dk = jax.lax.platform_dependent(
-    x,
-    g,
-    kernel,
-    cpu=functools.partial(_tap_dk, **conv_args),
-    default=functools.partial(_xla_dk, **conv_args),
+  dx, dk = (
+    jax.lax.platform_dependent(
+      x,
+      g,
+      kernel,
+      cpu=functools.partial(cpu, **conv_args),
+      default=functools.partial(default, **conv_args),
+    )
+    for cpu, default in ((_flipped_dx, _xla_dx), (_tap_dk, _xla_dk))
   )
   return dx, dk
 
@@ -277,12 +344,13 @@ def _depthwise_fwd(x: Array, kernel: Array) -> tuple[Array, tuple]:
 def _tap_depthwise_dk(xp: Array, g: Array, kernel: Array) -> Array:
   """dk[i, j, c] = sum_{b,h,w} xp[b, h+i, w+j, c] g[b, h, w, c] (3x faster on
   the CPU looped than as 49 reductions side by side)."""
+  (kh, kw), size = kernel.shape[:2], (*g.shape[:-1], xp.shape[-1])
 
-  def reduce(window: Array, g: Array) -> Array:
-    f32 = jnp.float32
-    return jnp.sum(window.astype(f32) * g.astype(f32), axis=(0, 1, 2))
+  def body(t):
+    window = _window(xp, t, size, kw, (1, 1)).astype(jnp.float32)
+    return jnp.sum(window * g.astype(jnp.float32), axis=(0, 1, 2))
 
-  return _tap_loop(xp, g, kernel.shape, (1, 1), reduce).reshape(kernel.shape)
+  return _tap_loop(kh * kw, kernel.shape[3:], body).reshape(kernel.shape)
 
 
 def _grouped_dk(xp: Array, g: Array, kernel: Array) -> Array:
