@@ -61,8 +61,6 @@ def test_train_step_tiny(tmp_path, capsys):
     *("--config", config, "--dtype", "float32", "--devices", "1"),
     *("--scan_layers", "true,false"),
   )
-  assert out["matmul"]["float32"]["gflops"] == pytest.approx(2 * 256**3 / 1e9)
-  assert out["matmul"]["float32"]["tflops_per_s"] > 0
   scanned, unrolled = out["results"]
   assert (scanned["scan_layers"], unrolled["scan_layers"]) == (True, False)
   # Every scanned block counts (the tiny text tower scans 2 layers).
@@ -74,6 +72,10 @@ def test_train_step_tiny(tmp_path, capsys):
     for key in ("compile_s", "first_step_s", "samples_per_s", "mfu"):
       assert r[key] > 0, key
     assert r["gflops_per_step"] == pytest.approx(2 * r["gflops_per_sample"])
+    # MFU against the higher of the peaks measured before and after.
+    peaks = [r["matmul"][k]["tflops_per_s"] for k in ("before", "after")]
+    assert r["peak_tflops_per_device"] == max(peaks) > 0
+    assert r["matmul"]["after"]["gflops"] == pytest.approx(2 * 256**3 / 1e9)
     assert r["mfu"] == pytest.approx(
       r["achieved_tflops_per_device"] / r["peak_tflops_per_device"]
     )
