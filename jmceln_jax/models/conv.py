@@ -135,7 +135,7 @@ def _tap_dk(x, g, kernel, *, padding, dilation, **unused):
   strided window: with g zero-padded to the padded width Wp and both
   flattened over (h, w), tap (i, j) is rows [i*dh*Wp + j*dw, + Ho*Wp) of
   the flat input (columns past the window meet g's zeros), a plain
-  [Co, Ho*Wp] @ [Ho*Wp, Ci] matmul with g transposed once. The windowed
+  [Co, B*Ho*Wp] @ [B*Ho*Wp, Ci] matmul with g transposed once. The windowed
   form makes XLA copy and transpose every window first.
   """
   (kh, kw), (dh, dw) = kernel.shape[:2], dilation
@@ -182,7 +182,8 @@ def _flipped_dx(x, g, kernel, *, padding, dilation, **conv_args):
   runs 4-5x slower than the same convolution with an HWIO kernel (3x3, 64-256
   channels, 26-104 pixels, 2 cores); here the swap is done on the kernel.
   """
-  del x
+  if 0 in g.shape:  # a kernel wider than the padded input: no output
+    return jnp.zeros_like(x)
   pads = tuple(
     ((k - 1) * d - lo, (k - 1) * d - hi)
     for k, d, (lo, hi) in zip(kernel.shape[:2], dilation, padding, strict=True)
@@ -230,8 +231,9 @@ def conv_general_dilated(
 
   Channels-last, ungrouped, stride-1 convolutions without input dilation
   take the fast paths (see the module doc): 1x1 ones without padding become
-  matmuls, 2-D ones with explicit non-negative padding get the per-tap
-  kernel gradient on the CPU. Everything else is passed through unchanged.
+  matmuls, 2-D ones with explicit non-negative padding get the CPU's own
+  gradients (flipped-kernel input gradient, per-tap kernel gradient).
+  Everything else is passed through unchanged.
   """
   fast = (
     _channels_last(dimension_numbers, lhs.ndim)
