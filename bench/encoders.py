@@ -139,7 +139,9 @@ def time_jax(
     "gflops"} with the program's GFLOPs from XLA's cost analysis).
   """
   start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile(xla_options.for_dtype())
+  compiled = (
+    jax.jit(fn).lower(*args).compile(compiler_options=xla_options.for_dtype())
+  )
   seconds = time.perf_counter() - start
   stats = common.time_calls(
     lambda: jax.block_until_ready(compiled(*args)),

@@ -139,14 +139,16 @@ def _tap_dk(x, g, kernel, *, padding, dilation, **unused):
   form makes XLA copy and transpose every window first.
   """
   (kh, kw), (dh, dw) = kernel.shape[:2], dilation
-  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  (b, hp, wp, ci), (ho, wo, co) = xp.shape, g.shape[1:]
+  (b, _, w, ci), (ho, wo, co) = x.shape, g.shape[1:]
+  wp = w + sum(padding[1])
   f32 = jnp.float32
   if flat_taps(wp, wo):
     rows = ho * wp
-    # The last tap's run ends (kw - 1) * dw past the padded input.
-    tail = ((0, 0), (0, (kw - 1) * dw), (0, 0))
-    flat = jnp.pad(xp.reshape(b, hp * wp, ci), tail)
+    # One spare padded row: the last tap's run ends (kw - 1) * dw past the
+    # padded input.
+    (top, bottom), sides = padding
+    flat = jnp.pad(x, ((0, 0), (top, bottom + 1), sides, (0, 0)))
+    flat = flat.reshape(b, -1, ci)
     g_t = jnp.pad(g, ((0, 0), (0, 0), (0, wp - wo), (0, 0)))
     g_t = g_t.reshape(b, rows, co).transpose(2, 0, 1)  # [Co, B, Ho*Wp]
 
@@ -159,6 +161,7 @@ def _tap_dk(x, g, kernel, *, padding, dilation, **unused):
     # dot XLA's CPU runtime cannot run in bfloat16.
     dk = _tap_loop(kh * kw, (co, ci), body).transpose(0, 2, 1)
   else:
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     size = (*g.shape[:-1], ci)
 
     def body(t):
@@ -200,17 +203,17 @@ def _dense_bwd(padding, dilation, dimension_numbers, precision, res, g):
     dimension_numbers=dimension_numbers,
     precision=precision,
   )
-  dx, dk = (
-    jax.lax.platform_dependent(
+
+  def per_platform(cpu, default):
+    return jax.lax.platform_dependent(
       x,
       g,
       kernel,
       cpu=functools.partial(cpu, **conv_args),
       default=functools.partial(default, **conv_args),
     )
-    for cpu, default in ((_flipped_dx, _xla_dx), (_tap_dk, _xla_dk))
-  )
-  return dx, dk
+
+  return per_platform(_flipped_dx, _xla_dx), per_platform(_tap_dk, _xla_dk)
 
 
 _dense_conv.defvjp(_dense_fwd, _dense_bwd)
