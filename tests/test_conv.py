@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import chex
 import flax.linen as nn
@@ -104,6 +105,53 @@ def test_input_gradient_keeps_an_hwio_kernel_in_loops_on_cpu():
   convs = [line for line in hlo.splitlines() if " convolution(" in line]
   assert len(convs) == 2  # forward and dx
   assert all("_01io->" in line for line in convs)
+
+
+def _lowered(fn, platform, *args) -> str:
+  """StableHLO of jit(fn) lowered for `platform` (no device of it needed)."""
+  return (
+    jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  )
+
+
+def _convolutions(stablehlo: str) -> list[str]:
+  """Each convolution's dimension numbers, window and types, sorted."""
+  ops = [
+    line for line in stablehlo.splitlines() if "stablehlo.convolution" in line
+  ]
+  return sorted(re.sub(r"^.*convolution\([^)]*\)", "", op) for op in ops)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "rocm", "tpu"])
+def test_accelerators_keep_xla_convolutions(platform):
+  """Lowered for a GPU or TPU, a convolution's gradients are exactly XLA's
+  and the depthwise kernel gradient is a convolution: no tap loops, which
+  only the CPU lowering has."""
+  x, kernel = _normal(0, (2, 8, 40, 4)), _normal(1, (3, 3, 4, 6))
+  dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, DN)
+
+  def grads(conv_fn):
+    def loss(x, k):
+      return jnp.sum(conv_fn(x, k, (1, 1), "SAME", None, None, dn) ** 2)
+
+    return jax.grad(loss, (0, 1))
+
+  ours = _lowered(grads(conv.conv_general_dilated), platform, x, kernel)
+  xla = _lowered(grads(jax.lax.conv_general_dilated), platform, x, kernel)
+  assert _convolutions(ours) == _convolutions(xla)
+  assert "stablehlo.while" not in ours
+
+  depthwise = jax.grad(
+    lambda x, k: jnp.sum(conv.depthwise_conv(x, k) ** 2), (0, 1)
+  )
+  args = x, _normal(1, (7, 7, 1, 4))
+  assert len(_convolutions(_lowered(depthwise, platform, *args))) == 3
+  assert "stablehlo.while" not in _lowered(depthwise, platform, *args)
+  for fn, fn_args in (
+    (grads(conv.conv_general_dilated), (x, kernel)),
+    (depthwise, args),
+  ):
+    assert "stablehlo.while" in _lowered(fn, "cpu", *fn_args)
 
 
 def test_conv_module_has_nn_conv_parameters():

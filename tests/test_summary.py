@@ -8,7 +8,7 @@ import jax
 import pytest
 from flax_test_utils import ynnpack_ops
 
-from jmceln_jax import config_lib, summary, trainer
+from jmceln_jax import config_lib, sharding, summary, trainer
 from jmceln_jax.models import jmceln, stacking
 
 
@@ -73,6 +73,24 @@ def test_train_step_cost_compiles_the_trainer_step():
   assert summary.select_devices(None) == jax.devices()
   with pytest.raises(ValueError, match="--devices=99, but 8 cpu"):
     summary.select_devices(99)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_train_step_lowers_for_accelerators(platform):
+  """The trainer's sharded step of the full model lowers for a GPU or TPU on
+  this CPU-only machine, without the CPU's convolution-gradient loops."""
+  config = _tiny_config()
+  setup = trainer.build_setup(config, 4, summary.select_devices(2))
+  batch = summary.abstract_batch(4, config, sharding.batch_sharding(setup.mesh))
+  step = trainer.jit_train_step(config, setup).trace(
+    setup.abstract_state, batch
+  )
+  loops = {
+    p: step.lower(lowering_platforms=(p,)).as_text().count("stablehlo.while")
+    for p in (platform, "cpu")
+  }
+  # No scanned stack of more than one block at this size: no loop at all.
+  assert loops[platform] == 0 and loops["cpu"] > 0
 
 
 def test_summarize_without_training_step():
