@@ -18,6 +18,7 @@ from typing import Any
 
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from jmceln_jax import writers
 from jmceln_jax.data import records
 
 # One record per chunk, so random access reads exactly one record.
@@ -31,14 +32,8 @@ def shard_name(split: str, index: int, count: int) -> str:
 
 def write_atomic(path: str, data: bytes) -> None:
   """Writes `data` to `path` through a temporary file and a rename."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with writers.atomic_path(path) as tmp, open(tmp, "wb") as f:
+    f.write(data)
 
 
 def write_json_atomic(path: str, data: Any) -> None:

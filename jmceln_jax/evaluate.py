@@ -26,7 +26,6 @@ to the paper's JMCELN row for the dataset.
 from __future__ import annotations
 
 import heapq
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -46,25 +45,10 @@ from jmceln_jax import (
   preprocess,
   trainer,
   visualize,
+  writers,
 )
 from jmceln_jax.data import datasets, pipeline, records
 
-# JMCELN's row of the paper's Table 1 (mIoU, %).
-PAPER_TABLE1 = {
-  "RefCOCO": {"val": 74.40, "testA": 77.69, "testB": 70.43},
-  "RefCOCO+": {"val": 66.99, "testA": 72.69, "testB": 57.34},
-  "RefCOCOg (UMD)": {"val": 64.08, "test": 64.99},
-}
-# Manifest provenance -> Table 1 dataset: (dataset, split_by) of
-# data_prep.refcoco or the tfds config of data_prep.tfds_refcoco.
-_DATASETS = {
-  ("refcoco", "unc"): "RefCOCO",
-  ("refcoco+", "unc"): "RefCOCO+",
-  ("refcocog", "umd"): "RefCOCOg (UMD)",
-  "ref_coco/refcoco_unc": "RefCOCO",
-  "ref_coco/refcocoplus_unc": "RefCOCO+",
-  "ref_coco/refcocog_umd": "RefCOCOg (UMD)",
-}
 CONVENTION_NOTE = (
   "original: masks mapped back to each image's own size and scored against "
   "the original masks, Pr@X counts IoU > X (CRIS); network: scored at the "
@@ -84,42 +68,6 @@ def split_records(data_dir: str, split: str) -> list[dict[str, Any]]:
     }
     for r in records.iter_records(data_dir, split)
   ]
-
-
-def dataset_name(data_dir: str, split: str) -> str | None:
-  """The paper's name of a prepared dataset (None: not in Table 1)."""
-  source = records.read_manifest(data_dir, split).get("source", {})
-  key = source.get("tfds") or (source.get("dataset"), source.get("split_by"))
-  return _DATASETS.get(key)
-
-
-def table1(results: Sequence[dict[str, Any]], dataset: str | None) -> str:
-  """mIoU per split in the layout of the paper's Table 1, with its row.
-
-  Args:
-    results: Evaluator.run results.
-    dataset: a PAPER_TABLE1 key, or None (then only this run's row).
-
-  Returns:
-    A few lines of text.
-  """
-  paper = PAPER_TABLE1.get(dataset, {})
-  ours = {r["split"]: float(r["original"]["mIoU"]) for r in results}
-  columns = list(paper) or list(ours)
-  rows = [("this run", [ours.get(c) for c in columns])]
-  if paper:
-    rows.append(("paper (JMCELN)", [paper[c] for c in columns]))
-  name = dataset or "this dataset (not in the paper's Table 1)"
-  lines = [
-    f'Table 1 layout, {name}: mIoU %, convention "original" (the paper '
-    "reports mIoU at 416x416 input)."
-  ]
-  width = max(len(label) for label, _ in rows)
-  lines.append(" " * width + "".join(f"{c:>8}" for c in columns))
-  for label, values in rows:
-    cells = "".join("       -" if v is None else f"{v:8.2f}" for v in values)
-    lines.append(label.ljust(width) + cells)
-  return "\n".join(lines)
 
 
 class _Collector:
@@ -248,14 +196,6 @@ def _summary(
   }
 
 
-def _write_json(obj: Any, path: str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
-
-
 def evaluate_workdir(
   workdir: str,
   *,
@@ -321,8 +261,10 @@ def evaluate_workdir(
       continue
     stem = os.path.join(workdir, "eval", f"{split}-{step}")
     summary = _summary(result, collect, data_dir)
-    _write_json(
-      {"checkpoint": {"which": which, "step": step}} | summary, stem + ".json"
+    writers.write_json(
+      stem + ".json",
+      {"checkpoint": {"which": which, "step": step}} | summary,
+      indent=1,
     )
     files.append(stem + ".json")
     if num_examples > 0:
@@ -330,7 +272,8 @@ def evaluate_workdir(
       visualize.save_png(picture, stem + "-examples.png")
       files.append(stem + "-examples.png")
     if out_dir is not None:
-      _write_json(
+      writers.write_json(
+        os.path.join(out_dir, "index.json"),
         {
           "split": split,
           "checkpoint": {
@@ -343,12 +286,12 @@ def evaluate_workdir(
           "back with preprocess.unletterbox_numpy (convention 'original').",
           "predictions": sorted(collect.rows, key=lambda d: d["index"]),
         },
-        os.path.join(out_dir, "index.json"),
+        indent=1,
       )
       files.append(os.path.join(out_dir, "index.json"))
   return {
     "checkpoint": {"which": which, "step": step},
-    "dataset": dataset_name(data_dir, splits[0]),
+    "dataset": evaluation.dataset_name(data_dir, splits[0]),
     "results": results,
     "files": files,
   }
@@ -419,7 +362,7 @@ def main(argv: list[str]) -> None:
   print(metrics.format_table(evaluation.table_rows(out["results"])))
   print(CONVENTION_NOTE)
   if len(out["results"]) > 1:
-    print("\n" + table1(out["results"], out["dataset"]))
+    print("\n" + evaluation.table1(out["results"], out["dataset"]))
   print("\nWrote:\n  " + "\n  ".join(out["files"]))
 
 

@@ -3,12 +3,15 @@
 Used by validation during training and by `python -m jmceln_jax.evaluate`.
 Per-expression intersections and unions are computed on device in both
 conventions (jmceln_jax.metrics); the host only accumulates and summarises.
+`table1` lays the mIoUs out like the paper's Table 1, next to its row;
+`final_evaluation` scores a finished run's test splits.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -17,11 +20,35 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jmceln_jax import metrics, sharding, train_lib, xla_options
-from jmceln_jax.data import pipeline
+from jmceln_jax import (
+  checkpointing,
+  metrics,
+  sharding,
+  train_lib,
+  writers,
+  xla_options,
+)
+from jmceln_jax.data import pipeline, records
 
 # Fields of an evaluation batch that go to the device.
 DEVICE_FIELDS = ("image", "tokens", "target", "box", "gt", "valid", "index")
+
+# JMCELN's row of the paper's Table 1 (mIoU, %).
+PAPER_TABLE1 = {
+  "RefCOCO": {"val": 74.40, "testA": 77.69, "testB": 70.43},
+  "RefCOCO+": {"val": 66.99, "testA": 72.69, "testB": 57.34},
+  "RefCOCOg (UMD)": {"val": 64.08, "test": 64.99},
+}
+# Manifest provenance -> Table 1 dataset: (dataset, split_by) of
+# data_prep.refcoco or the tfds config of data_prep.tfds_refcoco.
+_DATASETS = {
+  ("refcoco", "unc"): "RefCOCO",
+  ("refcoco+", "unc"): "RefCOCO+",
+  ("refcocog", "umd"): "RefCOCOg (UMD)",
+  "ref_coco/refcoco_unc": "RefCOCO",
+  "ref_coco/refcocoplus_unc": "RefCOCO+",
+  "ref_coco/refcocog_umd": "RefCOCOg (UMD)",
+}
 
 
 def _eval_fn(state, batch, *, model, with_logits):
@@ -152,3 +179,88 @@ class Evaluator:
 def table_rows(results: list[dict[str, Any]]) -> list[dict[str, object]]:
   """Flattens Evaluator.run results into metrics.format_table rows."""
   return [r[c] for r in results for c in metrics.CONVENTIONS]
+
+
+def dataset_name(data_dir: str, split: str) -> str | None:
+  """The paper's name of a prepared dataset (None: not in Table 1)."""
+  source = records.read_manifest(data_dir, split).get("source", {})
+  key = source.get("tfds") or (source.get("dataset"), source.get("split_by"))
+  return _DATASETS.get(key)
+
+
+def table1(results: Sequence[dict[str, Any]], dataset: str | None) -> str:
+  """mIoU per split in the layout of the paper's Table 1, with its row.
+
+  Args:
+    results: Evaluator.run results.
+    dataset: a PAPER_TABLE1 key, or None (then only this run's row).
+
+  Returns:
+    A few lines of text.
+  """
+  paper = PAPER_TABLE1.get(dataset, {})
+  ours = {r["split"]: float(r["original"]["mIoU"]) for r in results}
+  columns = list(paper) or list(ours)
+  rows = [("this run", [ours.get(c) for c in columns])]
+  if paper:
+    rows.append(("paper (JMCELN)", [paper[c] for c in columns]))
+  name = dataset or "this dataset (not in the paper's Table 1)"
+  lines = [
+    f'Table 1 layout, {name}: mIoU %, convention "original" (the paper '
+    "reports mIoU at 416x416 input)."
+  ]
+  width = max(len(label) for label, _ in rows)
+  lines.append(" " * width + "".join(f"{c:>8}" for c in columns))
+  for label, values in rows:
+    cells = "".join("       -" if v is None else f"{v:8.2f}" for v in values)
+    lines.append(label.ljust(width) + cells)
+  return "\n".join(lines)
+
+
+def final_evaluation(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  abstract_state: Any,
+  ckpt: checkpointing.Checkpointer,
+  evaluator: Evaluator,
+  data_dir: str,
+) -> dict[str, Any]:
+  """Scores the test splits with the best (or latest) checkpoint, prints the
+  table and writes `<workdir>/results.json`. With
+  `config.language_check`, also scores the first test split with sentences
+  shuffled across expressions: the drop shows the model uses the language."""
+  which = "best" if ckpt.best_step() is not None else "latest"
+  step = ckpt.resolve(which)
+  state, _ = ckpt.restore(step, abstract_state)
+  results = [
+    evaluator.run(state, data_dir, s) for s in config.input.test_splits
+  ]
+  out: dict[str, Any] = {
+    "checkpoint": {"which": which, "step": step},
+    "results": [{c: r[c] for c in metrics.CONVENTIONS} for r in results],
+  }
+  print(f"\nTest results ({which} checkpoint, step {step}):")
+  print(metrics.format_table(table_rows(results)))
+  if config.get("language_check"):
+    split = config.input.test_splits[0]
+    index = pipeline.shuffle_sentences(
+      pipeline.expression_index(data_dir, split), config.seed
+    )
+    shuffled = evaluator.run(state, data_dir, split, sentences=index)
+    shuffled["split"] = f"{split} (shuffled sentences)"
+    for c in metrics.CONVENTIONS:
+      shuffled[c]["split"] = shuffled["split"]
+    drop = results[0]["original"]["mIoU"] - shuffled["original"]["mIoU"]
+    out["language_check"] = {
+      "split": split,
+      "mIoU": results[0]["original"]["mIoU"],
+      "mIoU_shuffled_sentences": shuffled["original"]["mIoU"],
+      "drop": drop,
+    }
+    print(metrics.format_table(table_rows([shuffled])))
+    print(
+      f"Shuffling sentences across expressions lowers mIoU by {drop:.2f} points."
+    )
+  if jax.process_index() == 0:
+    writers.write_json(os.path.join(workdir, "results.json"), out)
+  return out

@@ -292,10 +292,9 @@ def train_and_evaluate(
   else:
     state = initial_state(config, setup)
   if is_main:
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
+    writers.write_text(
+      os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
+    )
   print(
     f"{jax.device_count()} devices, mesh {dict(mesh.shape)}; global batch "
     f"{cfg_in.global_batch_size} = {cfg_in.global_batch_size // mesh.devices.size}"
@@ -361,7 +360,9 @@ def train_and_evaluate(
       ("train/loss", "train/lr", BEST_METRIC),
       os.path.join(workdir, "curves.png"),
     )
-  final_evaluation(config, workdir, setup, ckpt, evaluator, data_dir)
+  evaluation.final_evaluation(
+    config, workdir, setup.abstract_state, ckpt, evaluator, data_dir
+  )
   ckpt.close()
   return state
 
@@ -372,48 +373,3 @@ def _scalars(result: dict[str, Any], prefix: str) -> dict[str, float]:
     for c in metrics.CONVENTIONS
     for k in metrics.COLUMNS
   }
-
-
-def final_evaluation(config, workdir, setup, ckpt, evaluator, data_dir) -> dict:
-  """Scores the test splits with the best (or latest) checkpoint, prints the
-  table and writes `<workdir>/results.json`. With
-  `config.language_check`, also scores the first test split with sentences
-  shuffled across expressions: the drop shows the model uses the language."""
-  which = "best" if ckpt.best_step() is not None else "latest"
-  step = ckpt.resolve(which)
-  state, _ = ckpt.restore(step, setup.abstract_state)
-  results = [
-    evaluator.run(state, data_dir, s) for s in config.input.test_splits
-  ]
-  out: dict[str, Any] = {
-    "checkpoint": {"which": which, "step": step},
-    "results": [{c: r[c] for c in metrics.CONVENTIONS} for r in results],
-  }
-  print(f"\nTest results ({which} checkpoint, step {step}):")
-  print(metrics.format_table(evaluation.table_rows(results)))
-  if config.get("language_check"):
-    split = config.input.test_splits[0]
-    index = pipeline.shuffle_sentences(
-      pipeline.expression_index(data_dir, split), config.seed
-    )
-    shuffled = evaluator.run(state, data_dir, split, sentences=index)
-    shuffled["split"] = f"{split} (shuffled sentences)"
-    for c in metrics.CONVENTIONS:
-      shuffled[c]["split"] = shuffled["split"]
-    drop = results[0]["original"]["mIoU"] - shuffled["original"]["mIoU"]
-    out["language_check"] = {
-      "split": split,
-      "mIoU": results[0]["original"]["mIoU"],
-      "mIoU_shuffled_sentences": shuffled["original"]["mIoU"],
-      "drop": drop,
-    }
-    print(metrics.format_table(evaluation.table_rows([shuffled])))
-    print(
-      f"Shuffling sentences across expressions lowers mIoU by {drop:.2f} points."
-    )
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, "results.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(out, f, indent=2)
-    os.replace(path + ".tmp", path)
-  return out

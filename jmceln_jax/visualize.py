@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from jmceln_jax import writers
+
 PRED_COLOR = (255, 0, 200)  # Predicted mask (magenta): tint and outline.
 GT_COLOR = (0, 230, 255)  # Ground-truth outline (cyan).
 ALPHA = 0.45  # Opacity of the predicted-mask tint.
@@ -194,10 +196,5 @@ def save_png(image: Image.Image | np.ndarray, path: str) -> None:
     image = Image.fromarray(image)
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
+  with writers.atomic_path(path) as tmp:
     image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)

@@ -9,15 +9,47 @@ is all `tensorboard --logdir` reads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import socket
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from PIL import Image, ImageDraw
+
+# ------------------------------------------------------------------- Files
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+  """Yields a temporary name beside `path` that is renamed to `path` when
+  the block succeeds: readers never see a half-written file, and a failed
+  block leaves `path` as it was and no temporary file behind."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` (UTF-8) to `path` atomically (`atomic_path`), creating
+  its folder if needed."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
+def write_json(path: str, obj: Any, *, indent: int = 2) -> None:
+  """Writes `obj` as JSON to `path` atomically (`atomic_path`)."""
+  write_text(path, json.dumps(obj, indent=indent) + "\n")
+
 
 # ------------------------------------------------------------------ CRC32C
 
@@ -181,9 +213,8 @@ def plot_curves(
   draw = ImageDraw.Draw(img)
   for i, (key, pts) in enumerate(panels):
     _plot_panel(draw, (0, i * h, w, (i + 1) * h), key, pts)
-  tmp = path + ".tmp"
-  img.save(tmp, format="PNG")
-  os.replace(tmp, path)
+  with atomic_path(path) as tmp:
+    img.save(tmp, format="PNG")
 
 
 def _plot_panel(draw, box, title, pts) -> None:

@@ -23,7 +23,14 @@ from flax_test_utils import ynnpack_ops
 from PIL import Image
 
 from configs import tiny
-from jmceln_jax import checkpointing, evaluate, metrics, predict, trainer
+from jmceln_jax import (
+  checkpointing,
+  evaluate,
+  evaluation,
+  metrics,
+  predict,
+  trainer,
+)
 from jmceln_jax.data import datasets, records
 
 SPLITS = ("val", "testA")
@@ -179,7 +186,7 @@ def test_table1_row_next_to_paper():
     {"split": s, "original": {"mIoU": v}}
     for s, v in (("val", 1.5), ("testB", 2))
   ]
-  lines = evaluate.table1(results, "RefCOCO+").splitlines()
+  lines = evaluation.table1(results, "RefCOCO+").splitlines()
   assert "RefCOCO+" in lines[0] and '"original"' in lines[0]
   assert lines[1].split() == ["val", "testA", "testB"]
   assert lines[2].split() == ["this", "run", "1.50", "-", "2.00"]

@@ -1,9 +1,11 @@
 """Metric writers: JSON lines, TensorBoard framing, curves PNG."""
 
 import glob
+import json
 import os
 import struct
 
+import pytest
 from PIL import Image
 
 from jmceln_jax import writers
@@ -64,3 +66,15 @@ def test_plot_curves(tmp_path):
   writers.plot_curves(recs, ("loss", "val/mIoU", "absent"), path)
   img = Image.open(path)
   assert img.size == (480, 2 * 260)
+
+
+def test_atomic_writes_leave_old_file_on_failure(tmp_path):
+  path = str(tmp_path / "sub" / "out.json")
+  writers.write_json(path, {"a": 1})  # Creates the folder.
+  assert json.load(open(path)) == {"a": 1}
+  with pytest.raises(RuntimeError):
+    with writers.atomic_path(path) as tmp:
+      open(tmp, "w").write("half")
+      raise RuntimeError
+  assert json.load(open(path)) == {"a": 1}
+  assert os.listdir(tmp_path / "sub") == ["out.json"]
