@@ -25,6 +25,10 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 PyTree = Any
 
 
+class MismatchError(ValueError):
+  """A checkpoint whose arrays do not match the state the config builds."""
+
+
 class Checkpointer:
   """Saves and restores `(state, data_state)` pairs under a workdir.
 
@@ -111,7 +115,24 @@ class Checkpointer:
   def restore(
     self, step: int, abstract_state: PyTree
   ) -> tuple[PyTree, dict[str, Any]]:
-    """Restores step `step` with the shardings/dtypes of `abstract_state`."""
+    """Restores step `step` with the shardings/dtypes of `abstract_state`.
+
+    Raises:
+      MismatchError (before reading any array) when the stored arrays'
+      paths or shapes differ from `abstract_state`'s.
+    """
+    report = _mismatch_report(
+      f"Checkpoint {step} in {self._manager.directory} does not match the "
+      "train state this config builds:",
+      _shapes(self._manager.item_metadata(step)["state"]),
+      _shapes(abstract_state),
+    )
+    if report:
+      raise MismatchError(
+        f"{report}\nIt was written with a different model or optimiser "
+        "config. Evaluate or predict with the run's own config (the "
+        "default: <workdir>/config.json), or train in a new --workdir."
+      )
     restored = self._manager.restore(
       step,
       args=ocp.args.Composite(
@@ -202,33 +223,68 @@ def merge_params(
     prefix + k: v
     for k, v in traverse_util.flatten_dict(loaded, sep="/").items()
   }
-  rules = [re.compile(p) for p in new_patterns]
-  missing = [
-    k
-    for k in flat_init
-    if k not in flat_loaded and not any(r.fullmatch(k) for r in rules)
-  ]
-  unexpected = [k for k in flat_loaded if k not in flat_init]
-  mismatched = [
-    f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(flat_init[k].shape)}"
-    for k, v in flat_loaded.items()
-    if k in flat_init and tuple(v.shape) != tuple(flat_init[k].shape)
-  ]
-  if missing or unexpected or mismatched:
-    lines = ["Pretrained weights do not match the model:"]
-    for title, keys in (
-      ("missing (not loaded, not declared new)", missing),
-      ("unexpected (in checkpoint, not in model)", unexpected),
-      ("shape mismatch", mismatched),
-    ):
-      if keys:
-        lines.append(f"  {title}: {len(keys)}")
-        lines += [f"    {k}" for k in keys[:50]]
-        if len(keys) > 50:
-          lines.append(f"    ... and {len(keys) - 50} more")
-    raise ValueError("\n".join(lines))
+  report = _mismatch_report(
+    "Pretrained weights do not match the model:",
+    {k: tuple(v.shape) for k, v in flat_loaded.items()},
+    {k: tuple(v.shape) for k, v in flat_init.items()},
+    new_patterns,
+  )
+  if report:
+    raise ValueError(report)
   merged = {
     k: (flat_loaded[k].astype(v.dtype) if k in flat_loaded else v)
     for k, v in flat_init.items()
   }
   return traverse_util.unflatten_dict(merged, sep="/")
+
+
+def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  """'/'-joined path -> shape of every array leaf (dict keys, dataclass
+  fields and sequence indices as path parts)."""
+
+  def part(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+
+  return {
+    "/".join(part(k) for k in path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
+
+
+def _mismatch_report(
+  title: str,
+  loaded: Mapping[str, tuple[int, ...]],
+  model: Mapping[str, tuple[int, ...]],
+  new_patterns: Sequence[str] = (),
+) -> str | None:
+  """Missing, unexpected and mis-shaped paths of `loaded` against `model`
+  (paths matching a `new_patterns` regex may be missing), or None."""
+  rules = [re.compile(p) for p in new_patterns]
+  missing = [
+    k
+    for k in model
+    if k not in loaded and not any(r.fullmatch(k) for r in rules)
+  ]
+  unexpected = [k for k in loaded if k not in model]
+  mismatched = [
+    f"{k}: checkpoint {loaded[k]} vs model {model[k]}"
+    for k in loaded
+    if k in model and loaded[k] != model[k]
+  ]
+  if not (missing or unexpected or mismatched):
+    return None
+  lines = [title]
+  for heading, keys in (
+    ("missing (not loaded, not declared new)", missing),
+    ("unexpected (in checkpoint, not in model)", unexpected),
+    ("shape mismatch", mismatched),
+  ):
+    if keys:
+      lines.append(f"  {heading}: {len(keys)}")
+      lines += [f"    {k}" for k in keys[:50]]
+      if len(keys) > 50:
+        lines.append(f"    ... and {len(keys) - 50} more")
+  return "\n".join(lines)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmceln_jax.checkpointing import Checkpointer, merge_params
+from jmceln_jax.checkpointing import Checkpointer, MismatchError, merge_params
 
 
 def _abstract(tree):
@@ -37,6 +37,22 @@ def test_best_unknown_before_any_evaluation(tmp_path):
   ckpt.wait()
   with pytest.raises(FileNotFoundError, match="validation metrics"):
     ckpt.resolve("best")
+
+
+def test_restore_refuses_another_models_checkpoint(tmp_path):
+  """A state of other shapes or paths fails before reading, naming them."""
+  ckpt = Checkpointer(str(tmp_path), keep=1)
+  ckpt.save(1, {"w": jnp.zeros((8, 32)), "b": jnp.zeros(2)}, {})
+  ckpt.close()
+  ckpt = Checkpointer(str(tmp_path), read_only=True)
+  other = {"w": jnp.zeros((8, 16)), "c": jnp.zeros(2)}
+  with pytest.raises(MismatchError) as error:
+    ckpt.restore(1, _abstract(other))
+  assert "w: checkpoint (8, 32) vs model (8, 16)" in str(error.value)
+  assert "missing (not loaded, not declared new): 1\n    c" in str(error.value)
+  assert "unexpected (in checkpoint, not in model): 1\n    b" in str(
+    error.value
+  )
 
 
 def test_merge_params_strict():
