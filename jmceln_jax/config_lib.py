@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import ml_collections
 
+
+class ConfigError(ValueError):
+  """A config field with a value the model or the trainer cannot use."""
+
+
 # Table 2 of the paper: the ablation rows and the model switches that make them.
 VARIANTS: dict[str, dict[str, object]] = {
   # 1: encoders + neck + upsampling head.
@@ -198,7 +203,7 @@ def paper_config(
 def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
   """Applies a Table 2 ablation (see VARIANTS) to `config.model` in place."""
   if variant not in VARIANTS:
-    raise ValueError(
+    raise ConfigError(
       f"Unknown variant {variant!r}; choose one of {sorted(VARIANTS)}."
     )
   config.model.update(VARIANTS[variant])

@@ -39,6 +39,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from jmceln_jax import (
+  cli,
   evaluation,
   metrics,
   predict,
@@ -221,7 +222,7 @@ def evaluate_workdir(
     {"checkpoint": {"which", "step"}, "dataset": Table 1 name or None,
      "results": Evaluator.run results (per split), "files": written paths}.
   """
-  predict.check_workdir(workdir)
+  predict.checkpoints_dir(workdir, checkpoint)  # Fails before any work.
   config = predict.load_config(workdir) if config is None else config
   data_dir = datasets.resolve_data_dir(config, workdir)
   cfg_in = config.input
@@ -309,6 +310,12 @@ def define_flags() -> None:
     lock_config=True,
   )
   flags.DEFINE_string("workdir", None, "Training run directory.")
+  flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Prepared data to score (sets input.data_dir of the run's config or of "
+    "--config), e.g. when the data moved since training.",
+  )
   flags.DEFINE_list(
     "splits",
     None,
@@ -321,6 +328,11 @@ def define_flags() -> None:
     "best",
     "best (highest validation mIoU; latest when none has metrics), latest, "
     "or a step number.",
+  )
+  flags.register_validator(
+    "checkpoint",
+    cli.is_checkpoint,
+    "--checkpoint must be best, latest or a step number.",
   )
   flags.DEFINE_string(
     "save_predictions",
@@ -344,17 +356,19 @@ def main(argv: list[str]) -> None:
     # Orbax logs every checkpoint operation at INFO; --verbosity=0 shows it.
     logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
-  try:
+  with cli.user_errors():
+    config = f.config
+    if f.data_dir:
+      config = config or predict.load_config(f.workdir)
+      config.input.data_dir = f.data_dir
     out = evaluate_workdir(
       f.workdir,
-      config=f.config,
+      config=config,
       splits=f.splits,
       checkpoint=f.checkpoint,
       save_predictions=f.save_predictions,
       num_examples=f.num_examples,
     )
-  except FileNotFoundError as e:
-    raise SystemExit(f"error: {e}") from None
   if jax.process_index() != 0:
     return
   ckpt = out["checkpoint"]
@@ -368,4 +382,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

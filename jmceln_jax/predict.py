@@ -33,10 +33,11 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from jmceln_jax import (
   checkpointing,
+  cli,
   preprocess,
   text,
   train_lib,
@@ -78,13 +79,31 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise FileNotFoundError(
       f"{path} does not exist; python -m jmceln_jax.train writes it when a "
-      "run starts. Is this a training workdir? (python -m jmceln_jax."
-      "evaluate also accepts --config FILE instead.)"
+      "run starts. Is this a training workdir?"
     )
   with open(path, encoding="utf-8") as f:
     config = ml_collections.ConfigDict(_tuples(json.load(f)))
   config.lock()
   return config
+
+
+def checkpoints_dir(workdir: str, checkpoint: str | int = "best") -> str:
+  """`<workdir>/checkpoints`, after checking that it exists and that
+  `checkpoint` is "best", "latest" or a step number (clear errors, before
+  any slow work)."""
+  which = str(checkpoint)
+  if which not in ("best", "latest") and not which.isdigit():
+    raise ValueError(
+      f"checkpoint must be best, latest or a step number; got {which!r}."
+    )
+  check_workdir(workdir)
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+      f"No checkpoints in {workdir} ({directory} does not exist); train "
+      "first, or wait for the first checkpoint to be saved."
+    )
+  return directory
 
 
 def restore_state(
@@ -104,19 +123,8 @@ def restore_state(
     (state, step, which): which is "best", "latest" or "step".
   """
   which = str(checkpoint)
-  if which not in ("best", "latest") and not which.isdigit():
-    raise ValueError(
-      f"checkpoint must be best, latest or a step number; got {which!r}."
-    )
-  check_workdir(workdir)
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(
-      f"No checkpoints in {workdir} ({directory} does not exist); train "
-      "first, or wait for the first checkpoint to be saved."
-    )
   ckpt = checkpointing.Checkpointer(
-    directory,
+    checkpoints_dir(workdir, checkpoint),
     best_metric=trainer.BEST_METRIC,
     async_save=False,
     read_only=True,
@@ -163,7 +171,8 @@ def _as_source(image: ImageInput) -> bytes | str | os.PathLike | Image.Image:
       )
     return Image.fromarray(image)
   if isinstance(image, (str, os.PathLike)) and not os.path.isfile(image):
-    raise FileNotFoundError(f"Image {image} does not exist.")
+    what = "is a directory" if os.path.isdir(image) else "does not exist"
+    raise FileNotFoundError(f"Image {image} {what}.")
   return image
 
 
@@ -212,7 +221,7 @@ class Predictor:
     self.image_size = int(input_cfg.image_size)
     self.max_batch = max_batch
     self.checkpoint = checkpoint
-    self._tokenizer = text.Tokenizer(int(input_cfg.max_len), input_cfg.vocab)
+    self.tokenizer = text.Tokenizer(int(input_cfg.max_len), input_cfg.vocab)
     self._forward = jax.jit(
       functools.partial(train_lib.predict, model=model),
       compiler_options=xla_options.for_dtype(model.dtype),
@@ -272,11 +281,11 @@ class Predictor:
       float32 at the image's own resolution (after EXIF rotation).
     """
     texts = (texts,) if isinstance(texts, str) else tuple(texts)
-    if not texts:
-      raise ValueError("Give at least one sentence.")
+    if not texts or not all(t.strip() for t in texts):
+      raise ValueError(f"Give one or more non-empty sentences, got {texts}.")
     rgb = preprocess.load_image(_as_source(image))
     canvas, box = preprocess.letterbox_image(rgb, self.image_size)
-    tokens = self._tokenizer(list(texts))
+    tokens = self.tokenizer(list(texts))
     pixels = preprocess.normalize(canvas)
     logits = []
     start = 0
@@ -330,18 +339,24 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     "--text",
     action="append",
     required=True,
+    type=cli.sentence_arg,
     help="referring expression; repeat for several (one panel each)",
   )
   p.add_argument(
-    "--out", required=True, help="PNG to write: overlays with captions"
+    "--out",
+    required=True,
+    type=cli.png_arg,
+    help="PNG to write: overlays with captions",
   )
   p.add_argument(
     "--checkpoint",
     default="best",
+    type=cli.checkpoint_arg,
     help="best (by validation mIoU, else latest), latest or a step number",
   )
   p.add_argument(
     "--mask_out",
+    type=cli.png_arg,
     help="also write the raw mask(s) at original size as 0/255 PNG "
     "(several sentences: <stem>_<k>.png)",
   )
@@ -351,12 +366,19 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     default=512,
     help="longer side of each panel in --out, in pixels",
   )
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.display_size < 64:
+    p.error(f"--display_size {args.display_size}: give at least 64 pixels")
+  return args
 
 
 def _run(args: argparse.Namespace) -> None:
-  check_workdir(args.workdir)  # Missing inputs fail before slow loading.
-  _as_source(args.image)
+  # Missing or unreadable inputs fail before slow loading.
+  checkpoints_dir(args.workdir, args.checkpoint)
+  try:
+    preprocess.load_image(_as_source(args.image))
+  except UnidentifiedImageError:
+    raise SystemExit(f"error: {args.image} is not an image file.") from None
   t0 = time.time()
   predictor = Predictor.from_workdir(args.workdir, args.checkpoint)
   t1 = time.time()
@@ -376,6 +398,16 @@ def _run(args: argparse.Namespace) -> None:
       f"  {100.0 * mask.mean():5.1f}% of the image, mean P(object) "
       f"{conf:.2f}: {sentence}"
     )
+  limit = predictor.tokenizer.context_length - 2  # Without SOT and EOT.
+  vocab = predictor.tokenizer.vocab
+  lengths = [len(ids) for ids in text.encode(pred.texts, vocab=vocab)]
+  for sentence, n in zip(pred.texts, lengths, strict=True):
+    if n > limit:
+      print(
+        f"  note: {n} tokens; the model read the first {limit} "
+        f"(input.max_len): {sentence}",
+        file=sys.stderr,
+      )
   visualize.save_png(render(pred, size=args.display_size), args.out)
   print(f"Wrote {args.out}")
   if args.mask_out:
@@ -392,10 +424,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv: the arguments after the program name (default sys.argv[1:]).
   """
   args = _parse(sys.argv[1:] if argv is None else argv)
-  try:
+  with cli.user_errors():
     _run(args)
-  except FileNotFoundError as e:
-    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jmceln_jax import sharding, train_lib, trainer
+from jmceln_jax import cli, sharding, train_lib, trainer
 from jmceln_jax.models import jmceln, stacking
 
 PyTree = Any
@@ -181,11 +181,17 @@ def select_devices(count: int | None) -> list[jax.Device]:
   devices = jax.devices()
   if count is None:
     return devices
-  if count < 1 or count > len(devices):
+  if count < 1:
+    raise ValueError(f"--devices={count}: give at least 1.")
+  if count > len(devices):
+    hint = (
+      "(or set jax_num_cpu_devices before JAX starts, as the CLIs do)"
+      if devices[0].platform == "cpu"
+      else "(JAX_PLATFORMS=cpu simulates any number of CPU devices)"
+    )
     raise ValueError(
       f"--devices={count}, but {len(devices)} {devices[0].platform} "
-      "device(s) are available. Ask for at most that many, or run on CPU "
-      "(JAX_PLATFORMS=cpu) where the summary CLI simulates any number."
+      f"device(s) are available: ask for at most that many {hint}."
     )
   return devices[:count]
 
@@ -346,6 +352,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. configs/refcoco.py.")
+  if FLAGS.devices is not None and FLAGS.devices < 1:
+    raise app.UsageError(f"--devices={FLAGS.devices}: give at least 1.")
   if FLAGS.devices:
     # Before any backend starts: lets a CPU-only machine simulate them.
     jax.config.update("jax_num_cpu_devices", FLAGS.devices)
@@ -360,4 +368,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -23,7 +23,7 @@ Variants: --config configs/refcoco.py:wo_pan (see configs/refcoco.py).
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jmceln_jax import trainer
+from jmceln_jax import cli, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -44,8 +44,9 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every checkpoint operation at INFO; --verbosity=0 shows it.
     logging.set_verbosity(logging.WARNING)
-  trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  with cli.user_errors():
+    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -259,8 +259,9 @@ def train_and_evaluate(
   """Trains, validates, checkpoints and finally tests; returns the state."""
   maybe_initialize_distributed()
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  jmceln.build_model(config.model)  # Checks the model fields first.
   data_dir = datasets.resolve_data_dir(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
   cfg_in = config.input
   setup = build_setup(config, pipeline.num_refs(data_dir, cfg_in.train_split))
   mesh, total = setup.mesh, setup.total_steps

@@ -9,6 +9,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
+from jmceln_jax import config_lib
 from jmceln_jax.data import records
 
 SYNTHETIC_NAME = "synthetic"
@@ -73,11 +74,13 @@ def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     if not os.path.isdir(cfg.data_dir):
       raise FileNotFoundError(
         f"input.data_dir={cfg.data_dir} does not exist. Prepare data with "
-        "`python -m data_prep.refcoco ... --out DIR` first."
+        "`python -m data_prep.refcoco ... --out DIR` first (if it moved: "
+        "`python -m jmceln_jax.evaluate --data_dir NEW`, or "
+        "--config.input.data_dir=NEW)."
       )
     return cfg.data_dir
   if cfg.synthetic_images <= 0:
-    raise ValueError(
+    raise config_lib.ConfigError(
       "No data: set --config.input.data_dir to a directory prepared by "
       "`python -m data_prep.refcoco` (see README, 'Data')."
     )

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jmceln_jax import resize
+from jmceln_jax import config_lib, resize
 from jmceln_jax.models.blocks import Dtype, compute_dtype
 from jmceln_jax.models.cascade import Cascade
 from jmceln_jax.models.clip import CLIP
@@ -254,8 +254,12 @@ def build_model(model_config: Mapping[str, Any]) -> JMCELN:
   known = set(JMCELN.__dataclass_fields__) - {"parent", "name"}
   unknown = sorted(set(fields) - known)
   if unknown:
-    raise ValueError(
+    raise config_lib.ConfigError(
       f"Unknown model config field(s) {unknown}; known: {sorted(known)}."
+    )
+  if fields.get("dtype") not in (None, "float32", "bfloat16"):
+    raise config_lib.ConfigError(
+      f"model.dtype={fields['dtype']!r}: use 'float32' or 'bfloat16'."
     )
   fields["clip"] = dict(fields["clip"])
   for key in ("dilations", "head_channels"):
