@@ -27,12 +27,12 @@ USER_ERRORS = (
 
 
 @contextlib.contextmanager
-def user_errors(*extra: type[BaseException]) -> Iterator[None]:
-  """Turns USER_ERRORS (and `extra`) raised in the block into `error: ...`
-  and exit status 1."""
+def user_errors() -> Iterator[None]:
+  """Turns USER_ERRORS raised in the block into `error: ...` and exit
+  status 1."""
   try:
     yield
-  except USER_ERRORS + extra as e:
+  except USER_ERRORS as e:
     raise SystemExit(f"error: {e}") from None
 
 
@@ -71,6 +71,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
+CHECKPOINT_VALUES = "best, latest or a step number"
+
+
 def is_checkpoint(value: str) -> bool:
   """Whether a --checkpoint value is best, latest or a step number."""
   return value in ("best", "latest") or value.isdigit()
@@ -79,7 +82,7 @@ def is_checkpoint(value: str) -> bool:
 def checkpoint_arg(value: str) -> str:
   """argparse type of --checkpoint."""
   if not is_checkpoint(value):
-    raise argparse.ArgumentTypeError("use best, latest or a step number")
+    raise argparse.ArgumentTypeError(f"use {CHECKPOINT_VALUES}")
   return value
 
 

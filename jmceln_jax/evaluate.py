@@ -332,7 +332,7 @@ def define_flags() -> None:
   flags.register_validator(
     "checkpoint",
     cli.is_checkpoint,
-    "--checkpoint must be best, latest or a step number.",
+    f"--checkpoint must be {cli.CHECKPOINT_VALUES}.",
   )
   flags.DEFINE_string(
     "save_predictions",

@@ -91,10 +91,9 @@ def checkpoints_dir(workdir: str, checkpoint: str | int = "best") -> str:
   """`<workdir>/checkpoints`, after checking that it exists and that
   `checkpoint` is "best", "latest" or a step number (clear errors, before
   any slow work)."""
-  which = str(checkpoint)
-  if which not in ("best", "latest") and not which.isdigit():
+  if not cli.is_checkpoint(str(checkpoint)):
     raise ValueError(
-      f"checkpoint must be best, latest or a step number; got {which!r}."
+      f"checkpoint must be {cli.CHECKPOINT_VALUES}; got {checkpoint!r}."
     )
   check_workdir(workdir)
   directory = os.path.join(workdir, "checkpoints")
@@ -376,13 +375,13 @@ def _run(args: argparse.Namespace) -> None:
   # Missing or unreadable inputs fail before slow loading.
   checkpoints_dir(args.workdir, args.checkpoint)
   try:
-    preprocess.load_image(_as_source(args.image))
+    image = preprocess.load_image(_as_source(args.image))
   except UnidentifiedImageError:
     raise SystemExit(f"error: {args.image} is not an image file.") from None
   t0 = time.time()
   predictor = Predictor.from_workdir(args.workdir, args.checkpoint)
   t1 = time.time()
-  pred = predictor.predict(args.image, args.text)
+  pred = predictor.predict(image, args.text)
   t2 = time.time()
   h, w = pred.image.shape[:2]
   which, step = predictor.checkpoint

@@ -48,6 +48,7 @@ flags.DEFINE_integer(
   "Devices sharing input.global_batch_size in the training-step estimate "
   "(default: all devices). Without an accelerator, this many CPU devices "
   "are simulated (the paper used 2 GPUs).",
+  lower_bound=1,
 )
 flags.DEFINE_integer(
   "depth",
@@ -352,8 +353,6 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. configs/refcoco.py.")
-  if FLAGS.devices is not None and FLAGS.devices < 1:
-    raise app.UsageError(f"--devices={FLAGS.devices}: give at least 1.")
   if FLAGS.devices:
     # Before any backend starts: lets a CPU-only machine simulate them.
     jax.config.update("jax_num_cpu_devices", FLAGS.devices)
