@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from jmceln_jax import paths
 from jmceln_jax.data import records
 
 _OVERLAY = np.array([255, 40, 200], np.float32)  # Magenta: rare in photos.
@@ -109,7 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     description=__doc__.split("\n\n")[0],
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
-  p.add_argument("data_dir", help="prepared data folder (--out of data_prep)")
+  p.add_argument(
+    "data_dir",
+    type=paths.absolute,
+    help="prepared data folder (--out of data_prep)",
+  )
   p.add_argument("--split", default="train", help="split to inspect")
   p.add_argument("--out", default=None, help="PNG path of the sample grid")
   p.add_argument("--num", type=int, default=16, help="refs in the grid")

@@ -19,6 +19,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from data_prep import shards
+from jmceln_jax import paths
 from jmceln_jax.data import records
 
 # Canonical order of the refer splits; unknown split names follow, sorted.
@@ -173,7 +174,9 @@ def add_output_flags(parser: argparse.ArgumentParser, splits_help: str) -> None:
     parser: the converter's parser.
     splits_help: what --splits names and defaults to for this converter.
   """
-  parser.add_argument("--out", required=True, help="output root folder")
+  parser.add_argument(
+    "--out", required=True, type=paths.absolute, help="output root folder"
+  )
   parser.add_argument("--splits", nargs="+", default=None, help=splits_help)
   parser.add_argument(
     "--strict",

@@ -27,6 +27,7 @@ import tqdm
 from pycocotools import mask as mask_utils
 
 from data_prep import parallel, prepare, refer_io, shards
+from jmceln_jax import paths
 
 _REQUIRED_REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 # A polygon mask is out of bounds when less than this share of its area lies
@@ -235,12 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument(
     "--refer_root",
     required=True,
+    type=paths.absolute,
     help="refer data folder holding <dataset>/refs(<split_by>).p"
     " and <dataset>/instances.json, or the dataset folder itself",
   )
   p.add_argument(
     "--coco_images",
     required=True,
+    type=paths.absolute,
     help="folder of COCO train2014 JPEGs (or its parent)",
   )
   p.add_argument(

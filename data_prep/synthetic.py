@@ -46,6 +46,7 @@ from pycocotools import mask as mask_utils
 
 from data_prep import expressions, parallel, scenes, shards
 from data_prep.expressions import ExpressionConfig
+from jmceln_jax import paths
 
 SPLITS = ("train", "val", "testA", "testB")
 EVAL_FRACTION = 0.08  # Of all images, for each of val, testA and testB.
@@ -254,7 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   p.add_argument(
-    "--out", required=True, help="root folder; gets <name>/ and images/"
+    "--out",
+    required=True,
+    type=paths.absolute,
+    help="root folder; gets <name>/ and images/",
   )
   p.add_argument(
     "--num_images",

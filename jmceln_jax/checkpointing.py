@@ -11,16 +11,21 @@ checkpoints are kept, plus the best one by the validation metric.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
 from flax import traverse_util
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from jmceln_jax import paths
 
 PyTree = Any
 
@@ -33,7 +38,8 @@ class Checkpointer:
   """Saves and restores `(state, data_state)` pairs under a workdir.
 
   Args:
-    directory: the checkpoint directory (`<workdir>/checkpoints`).
+    directory: the checkpoint directory (`<workdir>/checkpoints`; may be
+      relative, see paths.absolute).
     keep: number of most recent checkpoints to keep.
     best_metric: key of the `metrics` dict passed to `save` that ranks
       checkpoints (higher is better); the best one is always kept.
@@ -63,22 +69,28 @@ class Checkpointer:
         )
       )
     self.best_metric = best_metric
-    self._manager = ocp.CheckpointManager(
-      epath.Path(directory),
-      handler_registry=ocp.handlers.create_default_handler_registry(
-        state=_state_handler(), data=ocp.JsonCheckpointHandler()
-      ),
-      options=ocp.CheckpointManagerOptions(
-        preservation_policy=pp.AnyPreservationPolicy(policies),
-        # best_fn makes orbax persist each step's metrics next to it, so
-        # the best checkpoint is still known after a restart.
-        best_fn=rank,
-        best_mode="max",
-        cleanup_tmp_directories=not read_only,
-        enable_async_checkpointing=async_save,
-        read_only=read_only,
-      ),
-    )
+    # Orbax warns about every option a read-only manager overrides, and
+    # that the directory is read only: the options are set accordingly here,
+    # and the directory's warning, which only repeats `read_only`, dropped.
+    with _without_absl_warning("Given directory is read only"):
+      self._manager = ocp.CheckpointManager(
+        epath.Path(paths.absolute(directory)),
+        handler_registry=ocp.handlers.create_default_handler_registry(
+          state=_state_handler(), data=ocp.JsonCheckpointHandler()
+        ),
+        options=ocp.CheckpointManagerOptions(
+          preservation_policy=pp.AnyPreservationPolicy(policies),
+          # best_fn makes orbax persist each step's metrics next to it, so
+          # the best checkpoint is still known after a restart.
+          best_fn=rank,
+          best_mode="max",
+          cleanup_tmp_directories=not read_only,
+          enable_async_checkpointing=async_save,
+          read_only=read_only,
+          create=not read_only,
+          save_interval_steps=0 if read_only else 1,
+        ),
+      )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -173,6 +185,22 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+@contextlib.contextmanager
+def _without_absl_warning(prefix: str) -> Iterator[None]:
+  """Drops absl log records whose message starts with `prefix` (orbax logs
+  through absl) while the block runs."""
+
+  def keep(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(prefix)
+
+  logger = absl_logging.get_absl_logger()
+  logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:

@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from tqdm import tqdm
 
-from jmceln_jax import checkpoint_io
+from jmceln_jax import checkpoint_io, paths
 from jmceln_jax.config_lib import CLIP_RN101
 from jmceln_jax.models import clip, clip_resnet
 
@@ -300,6 +300,7 @@ def convert(
   Args:
     checkpoint: OpenAI .pt (TorchScript), torch.save zip or .safetensors.
     out: output directory; must not exist or be empty unless `overwrite`.
+      Both paths may be relative or start with `~` (paths.absolute).
     overwrite: replace an existing non-empty `out` (only once the new
       conversion is complete).
     seed: PRNG seed of the new `connect` parameters.
@@ -307,7 +308,7 @@ def convert(
   Returns:
     The contents of clip_config.json.
   """
-  out = os.path.abspath(out)
+  checkpoint, out = paths.absolute(checkpoint), paths.absolute(out)
   if os.path.isdir(out) and os.listdir(out) and not overwrite:
     raise FileExistsError(
       f"{out} exists and is not empty; pass --overwrite to replace it."

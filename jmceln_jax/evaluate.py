@@ -42,6 +42,7 @@ from jmceln_jax import (
   cli,
   evaluation,
   metrics,
+  paths,
   predict,
   preprocess,
   trainer,
@@ -185,7 +186,7 @@ def _summary(
   order = np.argsort(per["index"])
   rows = collect.index[per["index"][order]]
   return {
-    "data_dir": os.path.abspath(data_dir),
+    "data_dir": data_dir,
     "split": result["split"],
     "expressions": result["expressions"],
     **{c: result[c] for c in metrics.CONVENTIONS},
@@ -210,7 +211,8 @@ def evaluate_workdir(
   """Restores one checkpoint and scores splits (see the module docstring).
 
   Args:
-    workdir: a training run's directory.
+    workdir: a training run's directory (paths may be relative, see
+      paths.absolute).
     config: the run's config (default `<workdir>/config.json`).
     splits: prepared splits (default input.val_split + input.test_splits).
     checkpoint: "best", "latest" or a step (predict.restore_state).
@@ -220,10 +222,26 @@ def evaluate_workdir(
 
   Returns:
     {"checkpoint": {"which", "step"}, "dataset": Table 1 name or None,
-     "results": Evaluator.run results (per split), "files": written paths}.
+     "results": Evaluator.run results (per split), "files": written paths,
+     "warnings": what makes the scores suspect (also in each split's JSON),
+     e.g. an image size other than the training one}.
   """
+  workdir = paths.absolute(workdir)
   predict.checkpoints_dir(workdir, checkpoint)  # Fails before any work.
-  config = predict.load_config(workdir) if config is None else config
+  trained = predict.load_config(workdir)
+  config = paths.absolute_config(trained if config is None else config)
+  sizes = {
+    "evaluated": config.input.image_size,
+    "trained": trained.input.image_size,
+  }
+  warnings = []
+  if sizes["evaluated"] != sizes["trained"]:
+    warnings.append(
+      f"input.image_size is {sizes['evaluated']}, but the run was trained "
+      f"at {sizes['trained']}: these scores are not the model's own."
+    )
+  if save_predictions:
+    save_predictions = paths.absolute(save_predictions)
   data_dir = datasets.resolve_data_dir(config, workdir)
   cfg_in = config.input
   splits = list(splits or [cfg_in.val_split, *cfg_in.test_splits])
@@ -264,7 +282,12 @@ def evaluate_workdir(
     summary = _summary(result, collect, data_dir)
     writers.write_json(
       stem + ".json",
-      {"checkpoint": {"which": which, "step": step}} | summary,
+      {
+        "checkpoint": {"which": which, "step": step},
+        "image_size": sizes,
+        "warnings": warnings,
+      }
+      | summary,
       indent=1,
     )
     files.append(stem + ".json")
@@ -280,7 +303,7 @@ def evaluate_workdir(
           "checkpoint": {
             "which": which,
             "step": step,
-            "workdir": os.path.abspath(workdir),
+            "workdir": workdir,
           },
           "format": "8-bit grey PNG at the original image size; 255 = "
           "object. The mask is the argmax of the 2-class logits mapped "
@@ -295,6 +318,7 @@ def evaluate_workdir(
     "dataset": evaluation.dataset_name(data_dir, splits[0]),
     "results": results,
     "files": files,
+    "warnings": warnings,
   }
 
 
@@ -378,6 +402,8 @@ def main(argv: list[str]) -> None:
   if len(out["results"]) > 1:
     print("\n" + evaluation.table1(out["results"], out["dataset"]))
   print("\nWrote:\n  " + "\n  ".join(out["files"]))
+  for warning in out["warnings"]:
+    print(f"warning: {warning}")
 
 
 if __name__ == "__main__":

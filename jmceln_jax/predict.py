@@ -38,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from jmceln_jax import (
   checkpointing,
   cli,
+  paths,
   preprocess,
   text,
   train_lib,
@@ -239,14 +240,16 @@ class Predictor:
     """Loads a training run's checkpoint (params and statistics) once.
 
     Args:
-      workdir: the run's directory (holds config.json and checkpoints/).
+      workdir: the run's directory (holds config.json and checkpoints/;
+        may be relative, see paths.absolute).
       checkpoint: "best", "latest" or a step (see `restore_state`).
       config: the run's config; default `<workdir>/config.json`.
       device: where to run; default the first device (GPU/TPU if present).
       max_batch: see the class docstring.
     """
+    workdir = paths.absolute(workdir)
     config = load_config(workdir) if config is None else config
-    config = config.copy_and_resolve_references()
+    config = paths.absolute_config(config)  # A copy.
     # One device: any mesh of the training run restores onto it.
     config.mesh.data, config.mesh.fsdp = -1, 1
     setup = trainer.build_setup(config, num_train_refs=1)

@@ -25,6 +25,7 @@ from jmceln_jax import (
   evaluation,
   metrics,
   optim,
+  paths,
   sharding,
   train_lib,
   writers,
@@ -256,7 +257,12 @@ class _Pending:
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str
 ) -> train_lib.TrainState:
-  """Trains, validates, checkpoints and finally tests; returns the state."""
+  """Trains, validates, checkpoints and finally tests; returns the state.
+
+  `workdir` and the config's paths may be relative (paths.absolute); the
+  run's config.json records them absolute.
+  """
+  workdir, config = paths.absolute(workdir), paths.absolute_config(config)
   maybe_initialize_distributed()
   is_main = jax.process_index() == 0
   jmceln.build_model(config.model)  # Checks the model fields first.

@@ -55,6 +55,22 @@ def test_restore_refuses_another_models_checkpoint(tmp_path):
   )
 
 
+def test_relative_directory_and_quiet_readers(tmp_path, monkeypatch, caplog):
+  """A relative directory works (orbax itself refuses one), and a read-only
+  Checkpointer logs no warning (orbax warns about each option it sets)."""
+  monkeypatch.chdir(tmp_path)
+  ckpt = Checkpointer("run/checkpoints", keep=1)
+  ckpt.save(1, {"w": jnp.ones(2)}, {"i": 1})
+  ckpt.close()
+  caplog.set_level("WARNING")
+  reader = Checkpointer("run/checkpoints", read_only=True)
+  restored, data = reader.restore(1, _abstract({"w": jnp.ones(2)}))
+  reader.close()
+  np.testing.assert_array_equal(restored["w"], np.ones(2))
+  assert data == {"i": 1}
+  assert [r.getMessage() for r in caplog.records] == []
+
+
 def test_merge_params_strict():
   inited = {
     "clip": {"a": {"k": jnp.zeros(3)}, "connect": {"k": jnp.zeros(1)}},

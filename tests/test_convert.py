@@ -244,3 +244,24 @@ def test_cli_output_and_overwrite(tiny, tmp_path):
   unseeded = [k for k in flat if k[1:4] != convert_clip.NEW_PREFIX]
   assert all(np.array_equal(flat[k], new[k]) for k in unseeded)
   assert sorted(os.listdir(tmp_path)) == ["bad.pt", "clip"]
+
+
+def test_cli_relative_and_home_paths(tiny, tmp_path, monkeypatch):
+  """--checkpoint relative to the current directory, --out under `~`; the
+  result loads by a relative path from elsewhere and by its `~` path."""
+  _, directory, _ = tiny
+  home = tmp_path / "home"
+  (tmp_path / "src").mkdir()
+  (tmp_path / "src" / "RN.pt").write_bytes((directory / "fp16.pt").read_bytes())
+  monkeypatch.setenv("HOME", str(home))
+  monkeypatch.chdir(tmp_path)
+  assert _cli("--checkpoint", "src/RN.pt", "--out", "~/weights/clip") == 0
+  assert sorted(os.listdir(home / "weights" / "clip")) == [
+    "checkpoint",
+    "clip_config.json",
+  ]
+  _, by_home = clip.load_clip("~/weights/clip")
+  monkeypatch.chdir(home)
+  _, by_relative = clip.load_clip("weights/clip")
+  assert _tree_equal(by_home, by_relative)
+  assert sorted(os.listdir(tmp_path)) == ["home", "src"]

@@ -91,7 +91,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluated(workdir, tmp_path_factory):
-  """(stdout, predictions dir) of the evaluate CLI on two splits."""
+  """(stdout, predictions dir, stderr) of the evaluate CLI on two splits."""
   out = str(tmp_path_factory.mktemp("predictions"))
   cmd = [
     sys.executable, "-m", "jmceln_jax.evaluate", f"--workdir={workdir}",
@@ -105,7 +105,7 @@ def evaluated(workdir, tmp_path_factory):
     cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout, out
+  return proc.stdout, out, proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def _records(workdir, split):
 
 @pytest.mark.parametrize("split", SPLITS)
 def test_evaluate_saved_masks_recompute_metrics(workdir, evaluated, split):
-  stdout, out = evaluated
+  stdout, out, _ = evaluated
   recs = _records(workdir, split)
   with open(os.path.join(out, split, "index.json")) as f:
     rows = json.load(f)["predictions"]
@@ -162,16 +162,33 @@ def test_evaluate_saved_masks_recompute_metrics(workdir, evaluated, split):
 
 
 def test_evaluate_prints_table1_row(evaluated):
-  stdout, _ = evaluated
+  stdout, _, stderr = evaluated
   assert "Table 1 layout" in stdout and '"original"' in stdout
   row = re.search(r"^this run\s+(.*)$", stdout, re.M).group(1).split()
   assert len(row) == len(SPLITS)
+  # Neither orbax's read-only warnings nor a wrong-size warning.
+  assert "read only" not in stderr and "read_only" not in stderr
+  assert "warning" not in stdout
+
+
+def test_evaluate_warns_of_another_image_size(workdir):
+  config = predict.load_config(workdir).copy_and_resolve_references()
+  config.input.image_size = 96
+  out = evaluate.evaluate_workdir(
+    workdir, config=config, splits=["val"], num_examples=0, progress=False
+  )
+  assert len(out["warnings"]) == 1
+  assert "image_size is 96, but the run was trained at 64" in out["warnings"][0]
+  with open(out["files"][0]) as f:
+    written = json.load(f)
+  assert written["image_size"] == {"evaluated": 96, "trained": 64}
+  assert written["warnings"] == out["warnings"]
 
 
 def test_predictor_matches_evaluation_preprocessing(
   workdir, evaluated, predictor
 ):
-  _, out = evaluated
+  _, out, _ = evaluated
   rec = _records(workdir, "val")[0]
   with open(os.path.join(out, "val", "index.json")) as f:
     first = json.load(f)["predictions"][0]

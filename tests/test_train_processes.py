@@ -3,14 +3,12 @@ processes (CPU collectives over gloo) train in lockstep, each on its own
 data shard. See tests/train_utils.py for the shared config and reference."""
 
 import glob
-import json
 import os
 import random
 import re
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -46,46 +44,6 @@ def straight(tmp_path_factory):
   return tu.straight_run(tmp_path_factory)
 
 
-def _start_cli(data_dir, workdir, log):
-  return subprocess.Popen(
-    [sys.executable, "-m", "jmceln_jax.train", *tu.cli_args(data_dir, workdir)],
-    cwd=tu.ROOT,
-    env=tu.subprocess_env(PYTHONUNBUFFERED="1"),
-    stdout=log,
-    stderr=subprocess.STDOUT,
-  )
-
-
-def _logged_steps(workdir) -> list[int]:
-  """Steps of metrics.jsonl's complete lines (it may be being written)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    lines = f.read().split("\n")[:-1]
-  return [json.loads(line)["step"] for line in lines]
-
-
-def _kill_when(proc, workdir, ready, timeout=300.0):
-  """SIGKILLs `proc` as soon as `ready(checkpoint dir entries)`.
-
-  Returns:
-    The completed checkpoint steps listed just before the kill, or None if
-    the process ended first.
-  """
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  deadline = time.monotonic() + timeout
-  while proc.poll() is None:
-    assert time.monotonic() < deadline, "the trainer subprocess hangs"
-    entries = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
-    if ready(entries):
-      proc.kill()
-      proc.wait()
-      return [int(e) for e in entries if e.isdigit()]
-    time.sleep(0.002)
-  return None
-
-
 def _latest_after_kill(workdir, completed) -> int:
   """The newest checkpoint complete at the kill survives it: a restart
   loses at most the steps since then."""
@@ -119,8 +77,8 @@ def test_sigkill_anytime_then_restart_is_exact(straight, data_dir, tmp_path):
       later = [s for s in saves[:-1] if s > latest]
       assert later, "every kill came too late to interrupt a save"
       target = rng.choice(later)
-      proc = _start_cli(data_dir, workdir, log)
-      completed = _kill_when(
+      proc = tu.start_cli(data_dir, workdir, log)
+      completed = tu.kill_when(
         proc,
         workdir,
         lambda entries, t=target: any(
@@ -135,12 +93,12 @@ def test_sigkill_anytime_then_restart_is_exact(straight, data_dir, tmp_path):
       pytest.fail("three kills in a row missed the save in progress")
     # 2. Once a random later step is logged (mid-step, or mid-save).
     target = rng.randrange(latest + 1, 8)
-    logged = len(_logged_steps(workdir))
-    proc = _start_cli(data_dir, workdir, log)
-    completed = _kill_when(
+    logged = len(tu.logged_steps(workdir))
+    proc = tu.start_cli(data_dir, workdir, log)
+    completed = tu.kill_when(
       proc,
       workdir,
-      lambda _: max(_logged_steps(workdir)[logged:], default=0) >= target,
+      lambda _: max(tu.logged_steps(workdir)[logged:], default=0) >= target,
     )
     if completed is not None:
       _latest_after_kill(workdir, completed)

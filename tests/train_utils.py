@@ -17,7 +17,10 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
@@ -60,6 +63,55 @@ def cli_args(data_dir: str, workdir: str) -> list[str]:
     f"--config.input.data_dir={data_dir}",
     *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
   ]
+
+
+def start_cli(
+  data_dir: str, workdir: str, log, *, cwd: str = ROOT
+) -> subprocess.Popen:
+  """Starts `python -m jmceln_jax.train` with `cli_args` in `cwd`, its
+  output going to the file `log`."""
+  return subprocess.Popen(
+    [sys.executable, "-m", "jmceln_jax.train", *cli_args(data_dir, workdir)],
+    cwd=cwd,
+    env=subprocess_env(PYTHONUNBUFFERED="1"),
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
+
+
+def logged_steps(workdir: str) -> list[int]:
+  """Steps of metrics.jsonl's complete lines (it may be being written)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = f.read().split("\n")[:-1]
+  return [json.loads(line)["step"] for line in lines]
+
+
+def kill_when(
+  proc: subprocess.Popen,
+  workdir: str,
+  ready: Callable[[list[str]], bool],
+  timeout: float = 300.0,
+) -> list[int] | None:
+  """SIGKILLs `proc` as soon as `ready(checkpoint dir entries)`.
+
+  Returns:
+    The completed checkpoint steps listed just before the kill, or None if
+    the process ended first.
+  """
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  deadline = time.monotonic() + timeout
+  while proc.poll() is None:
+    assert time.monotonic() < deadline, "the trainer subprocess hangs"
+    entries = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+    if ready(entries):
+      proc.kill()
+      proc.wait()
+      return [int(e) for e in entries if e.isdigit()]
+    time.sleep(0.002)
+  return None
 
 
 # JAX settings that change compiled programs or the compilation cache.

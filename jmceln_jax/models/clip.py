@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jmceln_jax import paths
 from jmceln_jax.models import clip_resnet, clip_text, layers
 
 HPARAMS = (
@@ -245,7 +246,7 @@ def abstract_variables(model: CLIP) -> dict[str, Any]:
 
 def read_config(directory: str) -> dict[str, Any]:
   """The `clip_config.json` written by the converter."""
-  path = os.path.join(directory, CONFIG_FILE)
+  path = os.path.join(paths.absolute(directory), CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(
       f"{path} not found: {directory!r} is not a converted CLIP directory. "
@@ -262,7 +263,8 @@ def load_clip(
   """Loads a converted CLIP directory.
 
   Args:
-    directory: output directory of `python -m jmceln_jax.convert_clip`.
+    directory: output directory of `python -m jmceln_jax.convert_clip`
+      (may be relative or start with `~`).
     freeze_bn: the module's `freeze_bn` option.
     dtype: the module's compute dtype.
 
@@ -276,7 +278,7 @@ def load_clip(
   hparams = {k: config[k] for k in HPARAMS}
   hparams["vision_layers"] = tuple(hparams["vision_layers"])
   model = CLIP(**hparams, freeze_bn=freeze_bn, dtype=dtype)
-  path = os.path.abspath(os.path.join(directory, CHECKPOINT_SUBDIR))
+  path = os.path.join(paths.absolute(directory), CHECKPOINT_SUBDIR)
   # The converter validated the tree against the model, so no target is
   # needed (restoring into one would cost an extra trace of the model).
   with ocp.StandardCheckpointer() as checkpointer:
