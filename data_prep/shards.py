@@ -3,7 +3,8 @@
 A split is written into a hidden temporary folder `<out>/.<split>.tmp-*` and
 renamed to `<out>/<split>` only after every shard and the manifest are closed,
 so readers never see a partial split. An existing complete split is replaced
-only by a complete new one. If anything fails, the temporary folder is removed.
+only by a complete new one. If anything fails, the temporary folder is removed,
+and so is `<out>` itself when this writer created it and it is left empty.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class SplitWriter:
   def __init__(self, out_dir: str, split: str, shard_size: int):
     if shard_size < 1:
       raise ValueError(f"shard_size must be >= 1, got {shard_size}.")
+    self._created_out = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(out_dir, f".{split}.*")):
       shutil.rmtree(stale, ignore_errors=True)  # Left by a killed run.
@@ -142,3 +144,5 @@ class SplitWriter:
       self._close_shard()
     finally:
       shutil.rmtree(self._tmp, ignore_errors=True)
+      if self._created_out and not os.listdir(self._out_dir):
+        os.rmdir(self._out_dir)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -41,8 +40,17 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from data_prep import prepare, shards
+from jmceln_jax import paths
 
 SPLIT_NAMES = {"validation": "val"}  # tfds split -> refer split.
+# The builder configs of tfds's ref_coco (version 1.1.0).
+TFDS_CONFIGS = (
+  "refcoco_unc",
+  "refcoco_google",
+  "refcocoplus_unc",
+  "refcocog_umd",
+  "refcocog_google",
+)
 
 
 def _text(value: Any) -> str:
@@ -211,13 +219,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument(
     "--tfds_data_dir",
     default=None,
+    type=paths.absolute,
     help="tfds data folder holding ref_coco/ (default: tfds's)",
   )
   p.add_argument(
     "--config",
     default="refcoco_unc",
-    help="refcoco_unc, refcoco_google, refcocoplus_unc, "
-    "refcocog_umd or refcocog_google",
+    choices=TFDS_CONFIGS,
+    help="the ref_coco builder config",
   )
   prepare.add_output_flags(p, "tfds split names (default: all built)")
   args = p.parse_args(argv)
@@ -225,9 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sources = open_tfds(args.config, args.tfds_data_dir, args.splits)
     source = dict(
       tfds=f"ref_coco/{args.config}",
-      data_dir=os.path.abspath(args.tfds_data_dir)
-      if args.tfds_data_dir
-      else "tfds default",
+      data_dir=args.tfds_data_dir or "tfds default",
     )
     manifests = convert_examples(
       sources, args.out, source, strict=args.strict, shard_size=args.shard_size

@@ -58,12 +58,16 @@ def parse_flags(argv: list[str]) -> list[str]:
 
   Loads --config here, so that a config file that does not load, or an
   override naming an unknown field (`--config.optim.lrr=1`), ends in one
-  line before anything runs or is created.
+  line before anything runs or is created. --help, --helpfull and --helpxml
+  exit with status 0 (absl's own exit with 1).
   """
   try:
     rest = flags.FLAGS(argv)
     if "config" in flags.FLAGS and flags.FLAGS["config"].present:
       flags.FLAGS.config.keys()  # Raises here if the file did not load.
+  except SystemExit as e:
+    # Only absl's help flags exit while parsing, after printing the usage.
+    raise SystemExit(0 if e.code == 1 else e.code) from None
   except flags.Error as e:
     raise SystemExit(f"error: {_message(e)}\nPass --help for usage.") from None
   except (OSError, AttributeError, KeyError, TypeError, ValueError) as e:

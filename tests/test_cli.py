@@ -38,6 +38,20 @@ def test_train_config_mistakes(tmp_path, args, message):
   assert not workdir.exists()  # Nothing created.
 
 
+@pytest.mark.parametrize("program", ["train", "evaluate", "summary"])
+def test_help_exits_zero(program):
+  run = subprocess.run(
+    [sys.executable, "-m", f"jmceln_jax.{program}", "--help"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    timeout=300,
+  )
+  assert run.returncode == 0, run.stderr
+  assert "--workdir" in run.stdout or "--config" in run.stdout
+
+
 @pytest.mark.parametrize(
   "args,message",
   [

@@ -254,7 +254,7 @@ def test_strict_fails_clearly_and_leaves_nothing(raw, tmp_path):
   assert code == 1
   with pytest.raises(prepare.BadEntryError, match="without --strict"):
     _convert(str(tmp_path / "raw"), out, splits=["train"], strict=True)
-  assert os.listdir(out) == []
+  assert not out.exists()  # Not even an empty --out.
 
 
 def test_crash_mid_write_keeps_previous_output(raw, tmp_path, monkeypatch):
