@@ -52,7 +52,9 @@ class CLIP(nn.Module):
     transformer_width: text transformer width.
     transformer_heads: text attention heads.
     transformer_layers: text residual blocks.
-    freeze_bn: True: image BatchNorm always uses the running statistics.
+    freeze_bn: True: the image BatchNorms of OpenAI's CLIP always use their
+      running statistics (the new dense-pool `connect` BatchNorm still
+      follows `train`).
     dtype: compute dtype (None/float32 or bfloat16); params are float32.
     scan: scan the identical blocks of both towers (models/stacking.py).
   """
@@ -103,8 +105,8 @@ class CLIP(nn.Module):
 
     Args:
       images: [B, H, W, 3] float32, CLIP-normalised.
-      train: BatchNorm mode (ignored when freeze_bn); with train=True and
-        trainable BN, apply needs `mutable=["batch_stats"]`.
+      train: BatchNorm mode (with freeze_bn only for `connect`); with
+        train=True, apply needs `mutable=["batch_stats"]`.
       pooled: None: include "pooled" only at the native resolution
         (image_resolution x image_resolution); True: always (error at other
         sizes); False: never.

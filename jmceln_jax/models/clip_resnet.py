@@ -222,8 +222,10 @@ class ModifiedResNet(nn.Module):
     input_resolution: the checkpoint's input side; fixes the positional
       embedding's grid (input_resolution // 32).
     width: stem width (64 for RN50/RN101, 80 for RN50x4, ...).
-    freeze_bn: True: BatchNorm always uses (and never updates) the running
-      statistics. False: batch statistics when train=True.
+    freeze_bn: True: the BatchNorms of OpenAI's CLIP always use (and never
+      update) their running statistics. The dense pool's `connect` BatchNorm
+      is new (CRIS's; no checkpoint has statistics for it) and always
+      follows `train`. False: batch statistics when train=True.
     dtype: compute dtype; parameters are float32.
     scan: scan the identical blocks of each stage (models/stacking.py).
   """
@@ -299,7 +301,8 @@ class ModifiedResNet(nn.Module):
       self.dtype,
       name="attnpool",
     )
-    out["dense"] = attnpool.dense(x, use_running_average=use_ra)
+    # `connect` is not OpenAI's: nothing converted to freeze.
+    out["dense"] = attnpool.dense(x, use_running_average=not train)
     native = x.shape[1:3] == (grid, grid)
     if pooled or (pooled is None and native):
       out["pooled"] = attnpool.pool(x)
