@@ -153,16 +153,25 @@ class Table:
 
 def int_list(flag: str, minimum: int = 1) -> Callable[[str], list[int]]:
   """An argparse type: comma-separated integers >= `minimum`, e.g. "1,4"."""
+  return number_list(flag, int, minimum)
 
-  def parse(value: str) -> list[int]:
+
+def number_list(
+  flag: str, kind: Callable[[str], Any], minimum: float
+) -> Callable[[str], list[Any]]:
+  """An argparse type: comma-separated numbers (`kind`: int or float) >=
+  `minimum`, e.g. "0.02,1"."""
+
+  def parse(value: str) -> list[Any]:
     try:
-      out = [int(v) for v in value.split(",") if v.strip()]
+      out = [kind(v) for v in value.split(",") if v.strip()]
     except ValueError:
       out = []
     if not out or min(out) < minimum:
       raise argparse.ArgumentTypeError(
-        f"{flag} wants comma-separated integers >= {minimum}, e.g. "
-        f"{minimum},{minimum + 1}; got {value!r}"
+        f"{flag} wants comma-separated "
+        f"{'integers' if kind is int else 'numbers'} >= {minimum}; got "
+        f"{value!r}"
       )
     return out
 

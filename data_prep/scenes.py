@@ -27,6 +27,7 @@ COLOUR_RGB = {
   "orange": (245, 130, 20),
 }
 _SUPERSAMPLE = 4  # Anti-aliasing: shapes are drawn at 4x and box-filtered.
+JPEG_QUALITY = 90  # Of the written images.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,8 +258,28 @@ def draw_scene(
       f"Cannot fit {config.min_objects} shapes into {size}: "
       "make the radii smaller or the images larger."
     )
+  return render(rng, size, placed, config.noise_std), placed
+
+
+def render(
+  rng: np.random.Generator,
+  size: tuple[int, int],
+  shapes: Sequence[Shape],
+  noise_std: tuple[float, float],
+) -> np.ndarray:
+  """Paints shapes, in order, on a random background with pixel noise.
+
+  Args:
+    rng: source of the background and the noise.
+    size: (width, height) in pixels.
+    shapes: what to paint (their whole polygons, later ones on top).
+    noise_std: (low, high) of the noise's standard deviation.
+
+  Returns:
+    pixels [H, W, 3] uint8.
+  """
   img = _background(rng, size)
-  for s in placed:
+  for s in shapes:
     _paint(img, s.polygon, s.rgb)
-  img = img + rng.normal(0, rng.uniform(*config.noise_std), img.shape)
-  return np.clip(np.round(img), 0, 255).astype(np.uint8), placed
+  img = img + rng.normal(0, rng.uniform(*noise_std), img.shape)
+  return np.clip(np.round(img), 0, 255).astype(np.uint8)

@@ -21,7 +21,10 @@ purpose, so the sentence is needed to find the target. Splits:
 train, val, testA and testB; testA and testB are two held-out sets drawn from
 the same distribution (unlike RefCOCO's people / other-objects split).
 
-The same seed gives byte-identical files, whatever --num_workers is.
+`--preset position` writes the position probe instead (three identical
+shapes per image, told apart only by position words; data_prep/
+position_probe.py). The same seed gives byte-identical files, whatever
+--num_workers is.
 Annotations carry an extra "attributes" entry (shape, colour, size, centre,
 occluded) and sentences an extra "kind"; refer-format readers ignore both.
 """
@@ -44,13 +47,12 @@ import tqdm
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from data_prep import expressions, parallel, scenes, shards
+from data_prep import expressions, parallel, position_probe, scenes, shards
 from data_prep.expressions import ExpressionConfig
 from jmceln_jax import paths
 
 SPLITS = ("train", "val", "testA", "testB")
 EVAL_FRACTION = 0.08  # Of all images, for each of val, testA and testB.
-_JPEG_QUALITY = 90
 
 
 def split_sizes(num_images: int) -> dict[str, int]:
@@ -74,12 +76,26 @@ def make_image(
   rng = np.random.default_rng([seed, index])
   pixels, shapes = scenes.draw_scene(rng, scene)
   buf = io.BytesIO()
-  Image.fromarray(pixels).save(buf, "JPEG", quality=_JPEG_QUALITY)
+  Image.fromarray(pixels).save(buf, "JPEG", quality=scenes.JPEG_QUALITY)
   objects = [s.obj for s in shapes]
   sentences = [
     expressions.describe(i, objects, rng, config) for i in range(len(shapes))
   ]
   return buf.getvalue(), shapes, sentences
+
+
+# What a synthetic dataset shows and says: (make_image-like function, its
+# scene config, the expression config).
+PRESETS: dict[str, tuple[Any, Any, ExpressionConfig]] = {
+  # Coloured shapes, mostly colour and colour + shape expressions.
+  "default": (make_image, scenes.SceneConfig(), ExpressionConfig()),
+  # Three identical shapes in a row, position words only (position_probe).
+  "position": (
+    position_probe.make_image,
+    position_probe.ProbeConfig(),
+    ExpressionConfig(),
+  ),
+}
 
 
 def _annotation(shape: scenes.Shape, ann_id: int, image: dict) -> dict:
@@ -109,8 +125,8 @@ def _annotation(shape: scenes.Shape, ann_id: int, image: dict) -> dict:
 
 def _image_entry(task: tuple) -> tuple[dict, list[dict], list[list]]:
   """Worker: draws one image, writes its JPEG, returns its annotations."""
-  index, seed, scene, config, image_dir, name = task
-  jpeg, shapes, sentences = make_image(index, seed, scene, config)
+  index, seed, maker, scene, config, image_dir, name = task
+  jpeg, shapes, sentences = maker(index, seed, scene, config)
   with Image.open(io.BytesIO(jpeg)) as im:
     width, height = im.size
   image = dict(
@@ -172,7 +188,8 @@ def generate(
   num_images: int = 3000,
   seed: int = 0,
   name: str = "synthetic",
-  scene: scenes.SceneConfig | None = None,
+  preset: str = "default",
+  scene: Any = None,
   config: ExpressionConfig | None = None,
   num_workers: int = 0,
   progress: bool = True,
@@ -184,22 +201,31 @@ def generate(
     num_images: images over all splits (see `split_sizes`).
     seed: the dataset seed; the same seed gives byte-identical files.
     name: the dataset folder name (the `--dataset` of data_prep.refcoco).
-    scene: how images are drawn (default: scenes.SceneConfig()).
-    config: which expressions are written (default: ExpressionConfig()).
+    preset: a PRESETS key: what is drawn and said.
+    scene: how images are drawn (default: the preset's; a
+      scenes.SceneConfig, or a position_probe.ProbeConfig for "position").
+    config: which expressions are written (default: the preset's).
     num_workers: drawing processes (0: this process); output is the same.
     progress: show a tqdm bar.
 
   Returns:
     {"counts": split -> {images, refs, sentences}, "kinds": kind -> count}.
   """
-  scene = scene or scenes.SceneConfig()
-  config = config or ExpressionConfig()
+  if preset not in PRESETS:
+    raise ValueError(
+      f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}."
+    )
+  maker, default_scene, default_config = PRESETS[preset]
+  scene = scene or default_scene
+  config = config or default_config
   sizes = split_sizes(num_images)
   image_dir = os.path.join(out_dir, "images")
   data_dir = os.path.join(out_dir, name)
   os.makedirs(image_dir, exist_ok=True)
   os.makedirs(data_dir, exist_ok=True)
-  tasks = [(i, seed, scene, config, image_dir, name) for i in range(num_images)]
+  tasks = [
+    (i, seed, maker, scene, config, image_dir, name) for i in range(num_images)
+  ]
   with parallel.ordered_map(num_workers) as pmap:
     results = list(
       tqdm.tqdm(
@@ -269,6 +295,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   p.add_argument("--seed", type=int, default=0, help="dataset seed")
   p.add_argument(
+    "--preset",
+    default="default",
+    choices=sorted(PRESETS),
+    help="what is drawn and said: default (coloured shapes) or position "
+    "(three identical shapes told apart by position words)",
+  )
+  p.add_argument(
     "--name",
     default="synthetic",
     help="dataset folder name (the --dataset of data_prep.refcoco)",
@@ -286,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     num_images=args.num_images,
     seed=args.seed,
     name=args.name,
+    preset=args.preset,
     num_workers=args.num_workers,
   )
   print(f"Wrote {args.out} in {time.perf_counter() - start:.1f} s")

@@ -80,8 +80,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.use_lsran = True
   c.model.use_pan = True
   c.model.adaptive_lce = True
-  c.model.query_init_std = 0.02  # q^0 ~ N(0, std^2); 1.0 = torch Embedding.
+  # q^0 ~ N(0, std^2) (1.0: torch's nn.Embedding, DETR). At 0.02 one Eq. 3
+  # update leaves the Q rows of q^1 at mean cosine 0.999 (bench.query_init).
+  c.model.query_init_std = 1.0
   c.model.use_words = False  # Word features as extra keys/values in Eq. 3.
+  # Absolute position information (inferred; docs/architecture.md):
+  c.model.coord_conv = False  # CRIS's CoordConv (x, y channels) in the neck.
+  c.model.sine_pos = False  # Sine encodings: Eq. 3 keys, Eq. 4 queries.
+  c.model.lsran_sine_pos = False  # Sine encodings in LSRAN's windows.
   c.model.pan_residual = "previous"  # "previous" (F_mt^i, paper) or "input".
   c.model.head_channels = (256, 128, 64)  # 52->104->208->416.
   c.model.deep_supervision = False  # Also return per-stage logits.
@@ -108,11 +114,15 @@ def base_config() -> ml_collections.ConfigDict:
   # (the embedded default dataset); 0 disables.
   c.input.synthetic_images = 0
   c.input.synthetic_seed = 0
+  # What they show and say: data_prep.synthetic.PRESETS ("default", or
+  # "position": the position probe, configs/position_probe.py).
+  c.input.synthetic_preset = "default"
 
   # ----------------------------------------------------------------- loss
   c.loss = ml_collections.ConfigDict()
   c.loss.class_weights = ml_collections.config_dict.placeholder(tuple)
-  c.loss.stage_weight = 0.0  # Weight of per-stage losses (deep supervision).
+  # Weight of each per-stage loss; used with model.deep_supervision only.
+  c.loss.stage_weight = 0.5
 
   # ------------------------------------------------------------ optimiser
   c.optim = ml_collections.ConfigDict()
@@ -151,6 +161,9 @@ def base_config() -> ml_collections.ConfigDict:
   # ------------------------------------------------------- initialisation
   c.init = ml_collections.ConfigDict()
   c.init.clip_dir = ml_collections.config_dict.placeholder(str)  # Converted.
+  # Without clip_dir, training refuses to start unless this is True: a
+  # RefCOCO run from a random CLIP is almost always a forgotten flag.
+  c.init.random_clip = False
   return c
 
 
@@ -185,9 +198,38 @@ def small_config(
   c.input.image_size = image_size
   c.input.max_len = max_len
   c.input.max_eval_size = 256
+  c.init.random_clip = True  # Trained from scratch by design.
   c.optim.lr = 1e-3
   c.optim.weight_decay = 1e-4
   return c
+
+
+def check_training(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for settings that train but cannot be meant.
+
+  - No converted CLIP (init.clip_dir) without init.random_clip=True.
+  - model.deep_supervision without stages, or with loss.stage_weight 0
+    (the stage classifiers would get no gradient).
+  """
+  if not config.init.clip_dir and not config.init.get("random_clip", False):
+    raise ConfigError(
+      "No pretrained CLIP: set --config.init.clip_dir to a converted CLIP "
+      "(python -m jmceln_jax.convert_clip --checkpoint RN101.pt --out DIR; "
+      "README, 'Converting OpenAI CLIP weights'), or pass "
+      "--config.init.random_clip=True to train from a random CLIP on purpose."
+    )
+  model = config.model
+  if model.deep_supervision and model.num_stages < 1:
+    raise ConfigError(
+      "model.deep_supervision=True needs cascade stages (model.num_stages "
+      f"is {model.num_stages})."
+    )
+  if model.deep_supervision and config.loss.stage_weight <= 0:
+    raise ConfigError(
+      "model.deep_supervision=True with loss.stage_weight="
+      f"{config.loss.stage_weight}: the stage classifiers would get no "
+      "gradient. Give loss.stage_weight > 0 (default 0.5)."
+    )
 
 
 def paper_config(

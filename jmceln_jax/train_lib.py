@@ -106,14 +106,17 @@ def _loss_and_stats(
     train=True,
     mutable=["batch_stats"],
   )
-  stage_logits = [s["logits"] for s in aux.get("stages", ()) if "logits" in s]
+  stages = aux.get("stages", ())
   loss, terms = losses.segmentation_loss(
     logits,
     batch["target"],
     class_weights=loss_cfg.class_weights,
-    stage_logits=stage_logits,
-    stage_weight=loss_cfg.stage_weight,
+    stage_logits=[s["logits"] for s in stages if "logits" in s],
+    # config.loss.stage_weight applies with deep supervision only.
+    stage_weight=loss_cfg.stage_weight if model.deep_supervision else 0.0,
   )
+  if stages:  # How alike the Q embeddings are after the first Eq. 3.
+    terms["query_cosine"] = stages[0]["query_cosine"]
   return loss, (updates.get("batch_stats", {}), terms)
 
 
@@ -153,7 +156,8 @@ def train_step(
       gradients are averaged (BatchNorm statistics update sequentially).
 
   Returns:
-    (new state, metrics): loss terms, learning rate, grad/param norms.
+    (new state, metrics): loss terms, learning rate, grad/param norms and,
+    with a cascade, "query_cosine" (models/cascade.py, stage 1).
   """
   grad_fn = jax.value_and_grad(_loss_and_stats, has_aux=True)
 

@@ -22,6 +22,7 @@ import optax
 
 from jmceln_jax import (
   checkpointing,
+  config_lib,
   evaluation,
   metrics,
   optim,
@@ -266,6 +267,7 @@ def train_and_evaluate(
   maybe_initialize_distributed()
   is_main = jax.process_index() == 0
   jmceln.build_model(config.model)  # Checks the model fields first.
+  config_lib.check_training(config)
   data_dir = datasets.resolve_data_dir(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   cfg_in = config.input

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from bench import common, encoders, evaluation, train_step
+from bench import common, encoders, evaluation, query_init, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,3 +107,12 @@ def test_common_helpers(capsys):
   with pytest.raises(Exception, match="--x wants comma-separated integers"):
     common.int_list("--x")("1,0")
   assert common.int_list("--x", minimum=0)("0, 2") == [0, 2]
+  assert common.number_list("--s", float, 0.0)("0.02,1") == [0.02, 1.0]
+
+
+def test_query_init_tiny(tmp_path, capsys):
+  out = _run(query_init.main, tmp_path, "--stds", "0.02,1")
+  cosines = {r["std"]: r["cosine"] for r in out["results"]}
+  assert set(cosines) == {0.02, 1.0}
+  assert all(-1 <= c <= 1 for c in cosines.values())
+  assert "cos q^1" in capsys.readouterr().out

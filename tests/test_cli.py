@@ -11,6 +11,7 @@ from jmceln_jax.models import jmceln
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
+REFCOCO = os.path.join(ROOT, "configs", "refcoco.py")
 
 
 @pytest.mark.parametrize(
@@ -20,6 +21,19 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
     ([f"--config={TINY}", "--config.optim.lrr=1"], 'Did you mean "lr"'),
     ([f"--config={TINY}:nosuch"], "Unknown variant 'nosuch'"),
     ([f"--config={TINY}", "--config.model.dtype=bf16"], "model.dtype='bf16'"),
+    ([f"--config={REFCOCO}"], "No pretrained CLIP"),
+    (
+      [
+        f"--config={TINY}",
+        "--config.model.deep_supervision=True",
+        "--config.loss.stage_weight=0",
+      ],
+      "would get no gradient",
+    ),
+    (
+      [f"--config={TINY}:lsran", "--config.model.deep_supervision=True"],
+      "needs cascade stages",
+    ),
   ],
 )
 def test_train_config_mistakes(tmp_path, args, message):

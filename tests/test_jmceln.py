@@ -25,7 +25,13 @@ TINY = dict(
   head_channels=(8, 8, 8),
 )
 # Adds every optional parameter: all variants' trees are subtrees of it.
-SUPERSET = dict(use_words=True, deep_supervision=True)
+SUPERSET = dict(
+  use_words=True,
+  deep_supervision=True,
+  coord_conv=True,
+  sine_pos=True,
+  lsran_sine_pos=True,
+)
 
 
 def _features(batch=B, height=H, width=W, c3=16, c4=24, c5=12, text=10):
@@ -72,8 +78,8 @@ def _variables_for(model, train):
   return shapes, variables
 
 
-# Table 2 rows plus one run with every option (words, deep supervision, the
-# other PAN residual, rematerialised stages).
+# Table 2 rows plus one run with every option (words, deep supervision,
+# position information, the other PAN residual, rematerialised stages).
 SETTINGS = dict(
   config_lib.VARIANTS,
   options=dict(SUPERSET, pan_residual="input", remat=True),

@@ -1,5 +1,7 @@
 """Optimiser: schedule, regex multipliers, freezing, kernel-only decay."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,3 +70,33 @@ def test_grad_clip_norm():
   clipped = tx.update({"w": jnp.full(4, 100.0)}, tx.init(params), params)[0]
   # With b1=b2=0, Adam normalises per element; the sign survives clipping.
   np.testing.assert_allclose(clipped["w"], -0.1, rtol=1e-5)
+
+
+# The README's recipe for a faster decoder (section "Training"), verbatim.
+README_RECIPE = [
+  "--config.optim.lr=1e-4",
+  '--config.optim.lr_mults=(("clip/.*", 0.1),)',
+]
+
+
+def test_readme_faster_decoder_recipe():
+  """Parsed as the command lines parse it: CLIP at 1e-5, the decoder at
+  1e-4 (CRIS's rates)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  config = os.path.join(
+    os.path.dirname(__file__), "..", "configs", "refcoco.py"
+  )
+  argv = ["prog", f"--config={config}", *README_RECIPE]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+    "config", flag_values=values, lock_config=True, sys_argv=argv
+  )
+  values(argv)
+  cfg = values.config.optim
+  cfg.weight_decay = 0.0
+  first = _first_update(cfg, _params())  # Adam's first step: -lr * mult.
+  np.testing.assert_allclose(first["clip"]["conv"]["kernel"], -1e-5, rtol=1e-3)
+  np.testing.assert_allclose(first["clip"]["bn"]["bias"], -1e-5, rtol=1e-3)
+  np.testing.assert_allclose(first["head"]["kernel"], -1e-4, rtol=1e-3)

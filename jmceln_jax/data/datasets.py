@@ -28,6 +28,7 @@ def prepare_synthetic(
   num_images: int,
   seed: int,
   splits: list[str],
+  preset: str = "default",
   num_workers: int = 0,
 ) -> str:
   """Generates the synthetic raw refer files under `root/raw` and converts
@@ -42,12 +43,16 @@ def prepare_synthetic(
   if _prepared(prepared, splits):
     return prepared
   raw = os.path.join(root, "raw")
-  print(f"Generating the synthetic dataset ({num_images} images) in {raw}")
+  print(
+    f"Generating the synthetic dataset ({num_images} images, preset "
+    f"{preset!r}) in {raw}"
+  )
   synthetic.generate(
     raw,
     num_images=num_images,
     seed=seed,
     name=SYNTHETIC_NAME,
+    preset=preset,
     num_workers=num_workers,
   )
   refcoco.convert(
@@ -91,6 +96,7 @@ def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
       num_images=cfg.synthetic_images,
       seed=cfg.synthetic_seed,
       splits=splits,
+      preset=cfg.get("synthetic_preset", "default"),  # Older configs lack it.
       # Nothing else runs yet: draw and convert on every core.
       num_workers=min(8, os.cpu_count() or 1),
     )

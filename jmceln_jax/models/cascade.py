@@ -11,8 +11,15 @@ reasoning output); V^i = F_mt^0 for every stage without it (Table 2 row 6),
 so no stage output feeds back into the embeddings. q^0 is a learned [Q, C]
 embedding, N(0, query_init_std^2), shared by the batch. With use_words the
 word features (projected to C) are appended to the keys and values of Eq. 3,
-padded words masked out. As in the paper's equations there is no LayerNorm
-around the attentions; each MHA has its own q/k/v/out projections.
+padded words masked out. With sine_pos, a fixed 2-D sine encoding P of the
+map (models/position.py) is added to the pixel keys of Eq. 3 (F_m + P) and
+the pixel queries of Eq. 4 (F_mt^i + P); values stay position-free. As in the
+paper's equations there is no LayerNorm around the attentions; each MHA has
+its own q/k/v/out projections.
+
+Each stage also reports how alike its Q embeddings are ("query_cosine", the
+mean cosine similarity over pairs of rows of q^{i+1}): near 1 the embeddings
+have collapsed into one and the cascade has one query, not Q.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jmceln_jax.models import position
 from jmceln_jax.models.blocks import Dtype, MultiHeadAttention
 from jmceln_jax.models.pan import PAN
 
@@ -50,6 +58,7 @@ class CascadeStage(nn.Module):
     values: Array,
     f_mt: Array,
     key_mask: Array | None = None,
+    pixel_pos: Array | None = None,
     *,
     train: bool,
   ) -> tuple[Array, Array]:
@@ -61,6 +70,7 @@ class CascadeStage(nn.Module):
       values: Eq. 3 values, [B, N, C] (F_mt^i or F_mt^0 tokens, then words).
       f_mt: F_mt^i, [B, h, w, C].
       key_mask: optional bool [B, 1, 1, N], True for keys to attend.
+      pixel_pos: optional [1, h*w, C] added to Eq. 4's pixel queries.
       train: norm statistics mode (PAN).
 
     Returns:
@@ -73,6 +83,8 @@ class CascadeStage(nn.Module):
     q = q + mha("context")(q, keys, values, mask=key_mask)  # Eq. 3
     b, h, w, c = f_mt.shape
     pixels = f_mt.reshape(b, h * w, c)
+    if pixel_pos is not None:
+      pixels = pixels + pixel_pos
     update = mha("mask")(pixels, q, q).reshape(b, h, w, c)
     f_mt_prime = f_mt + update  # Eq. 4
     if not self.use_pan:
@@ -88,10 +100,22 @@ def _run_stage(
   values: Array,
   f_mt: Array,
   key_mask: Array | None,
+  pixel_pos: Array | None,
   train: bool,
 ) -> tuple[Array, Array]:
   """Calls a stage with `train` positional, so nn.remat can keep it static."""
-  return stage(q, keys, values, f_mt, key_mask, train=train)
+  return stage(q, keys, values, f_mt, key_mask, pixel_pos, train=train)
+
+
+def mean_cosine(q: Array) -> Array:
+  """Mean cosine similarity over the Q(Q-1)/2 pairs of rows of q [B, Q, C]
+  (float32 scalar, averaged over the batch; 0 for Q = 1)."""
+  q = q.astype(jnp.float32)
+  unit = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
+  gram = jnp.einsum("bqc,bkc->bqk", unit, unit)
+  n = q.shape[1]
+  off_diagonal = jnp.sum(gram) - jnp.sum(jnp.diagonal(gram, axis1=1, axis2=2))
+  return off_diagonal / max(q.shape[0] * n * (n - 1), 1)
 
 
 class Cascade(nn.Module):
@@ -106,6 +130,8 @@ class Cascade(nn.Module):
     use_pan: PAN after every stage.
     pan_residual: see PAN.
     use_words: append projected word features to Eq. 3's keys and values.
+    sine_pos: add a 2-D sine encoding to Eq. 3's pixel keys and Eq. 4's
+      pixel queries.
     remat: rematerialise each stage in the backward pass.
     dtype: compute dtype.
   """
@@ -113,11 +139,12 @@ class Cascade(nn.Module):
   num_stages: int = 6
   num_queries: int = 20
   num_heads: int = 8
-  query_init_std: float = 0.02
+  query_init_std: float = 1.0
   adaptive_lce: bool = True
   use_pan: bool = True
   pan_residual: str = "previous"
   use_words: bool = False
+  sine_pos: bool = False
   remat: bool = False
   dtype: Dtype = None
 
@@ -142,7 +169,8 @@ class Cascade(nn.Module):
 
     Returns:
       (F_mt^n [B, h, w, C], stages) where stages[i] = {"q": q^{i+1}
-      [B, Q, C], "f_mt": F_mt^{i+1} [B, h, w, C]}.
+      [B, Q, C], "f_mt": F_mt^{i+1} [B, h, w, C], "query_cosine":
+      mean_cosine(q^{i+1}), a float32 scalar}.
     """
     b, h, w, c = f_m.shape
 
@@ -155,7 +183,12 @@ class Cascade(nn.Module):
       (self.num_queries, c),
     )
     q = jnp.broadcast_to(q0.astype(f_m.dtype), (b, self.num_queries, c))
-    keys, key_mask, word_tokens = tokens(f_m), None, None
+    keys, key_mask, word_tokens, pixel_pos = tokens(f_m), None, None, None
+    if self.sine_pos:
+      pixel_pos = jnp.asarray(
+        position.sine_encoding(h, w, c).reshape(1, h * w, c), f_m.dtype
+      )
+      keys = keys + pixel_pos
     if self.use_words:
       if words is None or pad_mask is None:
         raise ValueError("model.use_words=True needs words and pad_mask.")
@@ -167,7 +200,7 @@ class Cascade(nn.Module):
       key_mask = visible[:, None, None, :]
 
     run = (
-      nn.remat(_run_stage, static_argnums=(6,)) if self.remat else _run_stage
+      nn.remat(_run_stage, static_argnums=(7,)) if self.remat else _run_stage
     )
     f_mt, stages = f_mt0, []
     for i in range(self.num_stages):
@@ -183,6 +216,6 @@ class Cascade(nn.Module):
         dtype=self.dtype,
         name=f"stage_{i}",
       )
-      q, f_mt = run(stage, q, keys, values, f_mt, key_mask, train)
-      stages.append({"q": q, "f_mt": f_mt})
+      q, f_mt = run(stage, q, keys, values, f_mt, key_mask, pixel_pos, train)
+      stages.append({"q": q, "f_mt": f_mt, "query_cosine": mean_cosine(q)})
     return f_mt, stages

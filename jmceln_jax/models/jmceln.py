@@ -51,6 +51,10 @@ class JMCELNDecoder(nn.Module):
     adaptive_lce: Eq. 3 values are the current stage input (else F_mt^0).
     query_init_std: std of q^0's normal initialisation.
     use_words: word features as extra keys/values in Eq. 3.
+    coord_conv: CRIS's CoordConv at the end of the neck (x, y channels).
+    sine_pos: 2-D sine encodings on Eq. 3's pixel keys and Eq. 4's pixel
+      queries.
+    lsran_sine_pos: 2-D sine encodings in LSRAN's window attention.
     pan_residual: "previous" (F_mt^i) or "input" (F_mt'^{i+1}).
     head_channels: channels of the head's 2x upsampling stages.
     deep_supervision: also return per-stage logits (1x1 classifier on each
@@ -68,8 +72,14 @@ class JMCELNDecoder(nn.Module):
   use_lsran: bool = True
   use_pan: bool = True
   adaptive_lce: bool = True
-  query_init_std: float = 0.02
+  query_init_std: float = 1.0
   use_words: bool = False
+  # Position information (models/position.py). Off here, as in runs made
+  # before these options existed (their saved configs lack the fields);
+  # config_lib.base_config sets the defaults of new runs.
+  coord_conv: bool = False
+  sine_pos: bool = False
+  lsran_sine_pos: bool = False
   pan_residual: str = "previous"
   head_channels: Sequence[int] = (256, 128, 64)
   deep_supervision: bool = False
@@ -107,12 +117,13 @@ class JMCELNDecoder(nn.Module):
     Returns:
       logits [B, H, W, 2] float32 (H = 8 * H/8 for the default three head
       stages) and aux = {"f_m", "f_mt0" [B, H/8, W/8, C], "stages": list of
-      n dicts {"q": [B, Q, C], "f_mt": [B, H/8, W/8, C]} plus "logits"
-      [B, H, W, 2] float32 with deep_supervision}.
+      n dicts {"q": [B, Q, C], "f_mt": [B, H/8, W/8, C], "query_cosine":
+      scalar (models/cascade.py)} plus "logits" [B, H, W, 2] float32 with
+      deep_supervision}.
     """
     self._check_fields()
     dtype = compute_dtype(self.dtype)
-    f_m = Neck(self.dim, dtype=dtype, name="neck")(
+    f_m = Neck(self.dim, self.coord_conv, dtype=dtype, name="neck")(
       visual["layer2"],
       visual["layer3"],
       visual["dense"],
@@ -122,7 +133,12 @@ class JMCELNDecoder(nn.Module):
     f_mt = f_m
     if self.use_lsran:
       f_mt = LSRAN(
-        self.window, self.num_heads, self.dilations, dtype=dtype, name="lsran"
+        self.window,
+        self.num_heads,
+        self.dilations,
+        sine_pos=self.lsran_sine_pos,
+        dtype=dtype,
+        name="lsran",
       )(f_m, train=train)
     aux: dict[str, Any] = {"f_m": f_m, "f_mt0": f_mt, "stages": []}
     if self.num_stages:
@@ -135,6 +151,7 @@ class JMCELNDecoder(nn.Module):
         use_pan=self.use_pan,
         pan_residual=self.pan_residual,
         use_words=self.use_words,
+        sine_pos=self.sine_pos,
         remat=self.remat,
         dtype=dtype,
         name="cascade",

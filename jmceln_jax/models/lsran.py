@@ -15,7 +15,9 @@ gnconv) instead of zeroing three quarters of the product.
 
 Window attention (Swin, Liu et al. 2021) partitions the map into
 non-overlapping w x w windows and attends within each, with a learned relative
-position bias. When H or W is not a multiple of w the map is zero-padded at
+position bias; with sine_pos, a fixed 2-D sine encoding of the whole map
+(models/position.py) is also added to the window's queries and keys (not its
+values), so that the attention knows where the window is. When H or W is not a multiple of w the map is zero-padded at
 the bottom/right, padded keys are masked out, and the result is cropped.
 """
 
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmceln_jax.models import position
 from jmceln_jax.models.blocks import ConvBN, Dtype, MultiHeadAttention
 from jmceln_jax.models.layers import layer_norm
 
@@ -88,18 +91,24 @@ class WindowAttention(nn.Module):
   Attributes:
     window: window side w.
     num_heads: attention heads.
+    sine_pos: add the map's sine encoding to queries and keys.
     dtype: compute dtype.
   """
 
   window: int
   num_heads: int
+  sine_pos: bool = False
   dtype: Dtype = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """[B, H, W, C] -> [B, H, W, C]."""
-    _, h, w, _ = x.shape
+    _, h, w, c = x.shape
     tokens = window_partition(x, self.window)  # [B, nW, w*w, C]
+    queries = tokens
+    if self.sine_pos:
+      pos = jnp.asarray(position.sine_encoding(h, w, c)[None], x.dtype)
+      queries = tokens + window_partition(pos, self.window)
     valid = window_partition(jnp.ones((1, h, w, 1), jnp.bool_), self.window)
     key_mask = valid[:, :, None, None, :, 0]  # [1, nW, 1, 1, w*w]
     table = self.param(
@@ -110,7 +119,7 @@ class WindowAttention(nn.Module):
     index = relative_position_index(self.window)
     bias = table[index].transpose(2, 0, 1)  # [heads, w*w, w*w]
     out = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(
-      tokens, tokens, tokens, bias=bias, mask=key_mask
+      queries, queries, tokens, bias=bias, mask=key_mask
     )
     return window_merge(out, self.window, h, w)
 
@@ -123,12 +132,14 @@ class LSRAN(nn.Module):
     num_heads: window-attention heads.
     dilations: one dilated 3x3 branch per rate; each has C / len(dilations)
       channels.
+    sine_pos: sine position encodings in the window attention.
     dtype: compute dtype.
   """
 
   window: int = 13
   num_heads: int = 8
   dilations: Sequence[int] = (1, 6, 12, 18)
+  sine_pos: bool = False
   dtype: Dtype = None
 
   @nn.compact
@@ -142,7 +153,11 @@ class LSRAN(nn.Module):
       )
     y = layer_norm(dtype=self.dtype, name="norm")(f_m)
     y = WindowAttention(
-      self.window, self.num_heads, dtype=self.dtype, name="window_attn"
+      self.window,
+      self.num_heads,
+      sine_pos=self.sine_pos,
+      dtype=self.dtype,
+      name="window_attn",
     )(y)
     x = f_m + y
     branch_dim = dim // len(self.dilations)

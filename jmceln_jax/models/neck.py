@@ -5,7 +5,9 @@
   F_m  = σ(W_m1 [Up(F_m1), σ(C3 W_v1)])               at H/8    (Eq. 2, i=1)
 
 σ = BatchNorm + LeakyReLU (slope 0.01, torch's default); Up = 2x bilinear
-(align_corners=False). Kernel sizes follow CRIS's FPN: W_v3 is 1x1 (CRIS
+(align_corners=False). With coord_conv, F_m then goes through CRIS's
+CoordConv: normalised x, y channels joined, a 3x3 convolution back to C and
+σ (models/position.py). Kernel sizes follow CRIS's FPN: W_v3 is 1x1 (CRIS
 `f1_v_proj`), W_v2 and W_v1 are 3x3 (CRIS `f2_v_proj`, `f3_v_proj`), the
 fusion convolutions W_m2 and W_m1 after the concatenation are 1x1 (CRIS
 `f2_cat`, `f3_cat`). Every projection outputs C channels. Convolutions have no
@@ -20,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jmceln_jax.models import layers
+from jmceln_jax.models import layers, position
 from jmceln_jax.models.blocks import ConvBN, Dtype
 from jmceln_jax.resize import upsample2x
 
@@ -44,10 +46,12 @@ class Neck(nn.Module):
 
   Attributes:
     dim: C, the output channels.
+    coord_conv: end with CRIS's CoordConv (absolute position channels).
     dtype: compute dtype.
   """
 
   dim: int
+  coord_conv: bool = False
   dtype: Dtype = None
 
   @nn.compact
@@ -82,4 +86,8 @@ class Neck(nn.Module):
       v = conv(kernel_size=3, name=f"w_v{level}")(feature, train=train)
       f = jnp.concatenate([upsample2x(f), v], axis=-1)
       f = conv(kernel_size=1, name=f"w_m{level}")(f, train=train)
+    if self.coord_conv:
+      f = conv(kernel_size=3, name="coord")(
+        position.add_coordinates(f), train=train
+      )
     return f
