@@ -107,13 +107,15 @@ def _loss_and_stats(
     mutable=["batch_stats"],
   )
   stages = aux.get("stages", ())
+  # Stage logits exist with model.deep_supervision only; loss.stage_weight
+  # (default 0.5) applies to them alone.
+  stage_logits = [s["logits"] for s in stages if "logits" in s]
   loss, terms = losses.segmentation_loss(
     logits,
     batch["target"],
     class_weights=loss_cfg.class_weights,
-    stage_logits=[s["logits"] for s in stages if "logits" in s],
-    # config.loss.stage_weight applies with deep supervision only.
-    stage_weight=loss_cfg.stage_weight if model.deep_supervision else 0.0,
+    stage_logits=stage_logits,
+    stage_weight=loss_cfg.stage_weight if stage_logits else 0.0,
   )
   if stages:  # How alike the Q embeddings are after the first Eq. 3.
     terms["query_cosine"] = stages[0]["query_cosine"]
