@@ -185,9 +185,7 @@ class Cascade(nn.Module):
     q = jnp.broadcast_to(q0.astype(f_m.dtype), (b, self.num_queries, c))
     keys, key_mask, word_tokens, pixel_pos = tokens(f_m), None, None, None
     if self.sine_pos:
-      pixel_pos = jnp.asarray(
-        position.sine_encoding(h, w, c).reshape(1, h * w, c), f_m.dtype
-      )
+      pixel_pos = position.sine_map(h, w, c, f_m.dtype).reshape(1, h * w, c)
       keys = keys + pixel_pos
     if self.use_words:
       if words is None or pad_mask is None:

@@ -17,8 +17,9 @@ Window attention (Swin, Liu et al. 2021) partitions the map into
 non-overlapping w x w windows and attends within each, with a learned relative
 position bias; with sine_pos, a fixed 2-D sine encoding of the whole map
 (models/position.py) is also added to the window's queries and keys (not its
-values), so that the attention knows where the window is. When H or W is not a multiple of w the map is zero-padded at
-the bottom/right, padded keys are masked out, and the result is cropped.
+values), so that the attention knows where the window is. When H or W is not
+a multiple of w the map is zero-padded at the bottom/right, padded keys are
+masked out, and the result is cropped.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class WindowAttention(nn.Module):
     tokens = window_partition(x, self.window)  # [B, nW, w*w, C]
     queries = tokens
     if self.sine_pos:
-      pos = jnp.asarray(position.sine_encoding(h, w, c)[None], x.dtype)
+      pos = position.sine_map(h, w, c, x.dtype)
       queries = tokens + window_partition(pos, self.window)
     valid = window_partition(jnp.ones((1, h, w, 1), jnp.bool_), self.window)
     key_mask = valid[:, :, None, None, :, 0]  # [1, nW, 1, 1, w*w]

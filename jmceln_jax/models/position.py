@@ -60,6 +60,12 @@ def sine_encoding(height: int, width: int, dim: int) -> np.ndarray:
   return np.concatenate([ey, ex], axis=-1).astype(np.float32)
 
 
+def sine_map(height: int, width: int, dim: int, dtype) -> jnp.ndarray:
+  """`sine_encoding` as a [1, H, W, dim] array of `dtype`, to add to
+  features."""
+  return jnp.asarray(sine_encoding(height, width, dim)[None], dtype)
+
+
 def add_coordinates(x: jnp.ndarray) -> jnp.ndarray:
   """[B, H, W, C] -> [B, H, W, C + 2]: `coordinates` joined as channels."""
   b, h, w, _ = x.shape
