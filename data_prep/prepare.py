@@ -73,7 +73,9 @@ def build_result(
 
   Args:
     ref: refer-style ref: ref_id, image_id, ann_id, split, category_id and
-      sentences [{sent (or raw), sent_id}].
+      sentences [{sent (or raw), sent_id, optional kind}]. When every
+      sentence has a "kind" (the synthetic data), the record keeps them as
+      `sentence_kinds`, for per-kind evaluation.
     image: file_name, height and width of its image.
     data: the image file bytes.
     mask: the target's compressed RLE (None when `problem`).
@@ -82,12 +84,13 @@ def build_result(
   Returns:
     The encoded record and every bad entry found.
   """
-  sentences, sent_ids, bad = [], [], []
+  sentences, sent_ids, kinds, bad = [], [], [], []
   for s in ref["sentences"]:
     text = str(s.get("sent", s.get("raw", ""))).strip()
     if text:
       sentences.append(text)
       sent_ids.append(int(s["sent_id"]))
+      kinds.append(s.get("kind"))
     else:
       bad.append(
         bad_entry("sentence", ref, "empty sentence", sent_id=s["sent_id"])
@@ -97,8 +100,12 @@ def build_result(
   if problem:
     bad.append(bad_entry("ref", ref, problem))
     return RefResult(ref["ref_id"], ref["image_id"], None, 0, tuple(bad))
+  fields = {}
+  if kinds and all(isinstance(k, str) for k in kinds):
+    fields["sentence_kinds"] = kinds
   record = records.encode_record(
     dict(
+      **fields,
       ref_id=int(ref["ref_id"]),
       image_id=int(ref["image_id"]),
       ann_id=int(ref["ann_id"]),

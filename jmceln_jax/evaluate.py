@@ -190,6 +190,7 @@ def _summary(
     "split": result["split"],
     "expressions": result["expressions"],
     **{c: result[c] for c in metrics.CONVENTIONS},
+    **({"by_kind": result["by_kind"]} if "by_kind" in result else {}),
     "per_expression": {
       "ref_id": [collect.metas[r]["ref_id"] for r in rows[:, 0]],
       "sent_idx": rows[:, 2].tolist(),
@@ -399,6 +400,10 @@ def main(argv: list[str]) -> None:
   print(f"\n{f.workdir}: {ckpt['which']} checkpoint, step {ckpt['step']}")
   print(metrics.format_table(evaluation.table_rows(out["results"])))
   print(CONVENTION_NOTE)
+  kinds = {r["split"]: r["by_kind"] for r in out["results"] if "by_kind" in r}
+  if kinds:
+    print("\nBy kind of expression (convention 'original'):")
+    print(evaluation.format_by_kind(kinds))
   if len(out["results"]) > 1:
     print("\n" + evaluation.table1(out["results"], out["dataset"]))
   print("\nWrote:\n  " + "\n  ".join(out["files"]))

@@ -4,7 +4,9 @@ Used by validation during training and by `python -m jmceln_jax.evaluate`.
 Per-expression intersections and unions are computed on device in both
 conventions (jmceln_jax.metrics); the host only accumulates and summarises.
 `table1` lays the mIoUs out like the paper's Table 1, next to its row;
-`final_evaluation` scores a finished run's test splits.
+`by_kind` splits the scores by kind of expression when the data records
+kinds (the synthetic data does, RefCOCO does not); `final_evaluation` scores a
+finished run's test splits.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from jmceln_jax.data import pipeline, records
 
 # Fields of an evaluation batch that go to the device.
 DEVICE_FIELDS = ("image", "tokens", "target", "box", "gt", "valid", "index")
+
+# Scores reported per kind of expression (convention "original").
+KIND_COLUMNS = ("mIoU", "oIoU", "Pr@0.5")
 
 # JMCELN's row of the paper's Table 1 (mIoU, %).
 PAPER_TABLE1 = {
@@ -112,7 +117,9 @@ class Evaluator:
 
     Returns:
       {"split", "expressions", "original": summary, "network": summary,
-       "per_expression": {"index", "original_i", ... } host arrays}.
+       "per_expression": {"index", "original_i", ... } host arrays}, and
+      "by_kind" (see `by_kind`) when the split's records carry kinds and
+      `sentences` is None.
     """
     cfg = self.cfg
     batch = cfg.eval_batch_size
@@ -173,7 +180,57 @@ class Evaluator:
       acc.update(arrays[f"{convention}_i"], arrays[f"{convention}_u"])
       result[convention] = acc.result()
     result["per_expression"] = arrays
+    kinds = (
+      None
+      if sentences is not None
+      else pipeline.expression_kinds(data_dir, split)
+    )
+    if kinds is not None:
+      result["by_kind"] = by_kind(arrays, kinds)
     return result
+
+
+def by_kind(
+  per_expression: dict[str, np.ndarray], kinds: Sequence[str]
+) -> dict[str, dict[str, float]]:
+  """Scores per kind of expression, convention "original".
+
+  Args:
+    per_expression: Evaluator.run's arrays ("index", "original_i",
+      "original_u"), in any order.
+    kinds: kind of every expression, indexed by "index"
+      (pipeline.expression_kinds).
+
+  Returns:
+    {kind: {"expressions": n, "mIoU", "oIoU", "Pr@0.5"}}, scores in % like
+    the other results, kinds sorted by name.
+  """
+  of = np.asarray(kinds, object)[per_expression["index"]]
+  out = {}
+  for kind in sorted(set(of)):
+    keep = of == kind
+    s = metrics.summarize(
+      per_expression["original_i"][keep],
+      per_expression["original_u"][keep],
+      "original",
+    )
+    out[kind] = {"expressions": s["expressions"]} | {
+      c: s[c] for c in KIND_COLUMNS
+    }
+  return out
+
+
+def format_by_kind(tables: dict[str, dict[str, dict[str, float]]]) -> str:
+  """{split: by_kind(...)} as an aligned text table, one row per kind and
+  split."""
+  head = ("split", "kind", "exprs", *KIND_COLUMNS)
+  rows = [
+    (split, kind or "-", str(r["expressions"]))
+    + tuple(f"{float(r[c]):.2f}" for c in KIND_COLUMNS)
+    for split, table in tables.items()
+    for kind, r in table.items()
+  ]
+  return metrics.align(head, rows, left=2)
 
 
 def table_rows(results: list[dict[str, Any]]) -> list[dict[str, object]]:
@@ -241,6 +298,11 @@ def final_evaluation(
   }
   print(f"\nTest results ({which} checkpoint, step {step}):")
   print(metrics.format_table(table_rows(results)))
+  kinds = {r["split"]: r["by_kind"] for r in results if "by_kind" in r}
+  if kinds:
+    out["by_kind"] = kinds
+    print("\nBy kind of expression (convention 'original'):")
+    print(format_by_kind(kinds))
   if config.get("language_check"):
     split = config.input.test_splits[0]
     index = pipeline.shuffle_sentences(
@@ -263,4 +325,10 @@ def final_evaluation(
     )
   if jax.process_index() == 0:
     writers.write_json(os.path.join(workdir, "results.json"), out)
+    if kinds:
+      writers.write_json(
+        os.path.join(workdir, "eval", f"by_kind-{step}.json"),
+        {"checkpoint": out["checkpoint"], "by_kind": kinds},
+        indent=1,
+      )
   return out

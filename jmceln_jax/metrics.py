@@ -160,6 +160,19 @@ class IoUAccumulator:
     return {"split": self.split} | res
 
 
+def align(head: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> str:
+  """Lines of an aligned text table: the first `left` columns left-aligned,
+  the rest right-aligned, two spaces apart."""
+  widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+  return "\n".join(
+    "  ".join(
+      x.ljust(n) if j < left else x.rjust(n)
+      for j, (x, n) in enumerate(zip(row, widths, strict=True))
+    )
+    for row in (head, *rows)
+  )
+
+
 def format_table(results: Sequence[Mapping[str, object]]) -> str:
   """Formats result dicts (IoUAccumulator.result) as an aligned text table.
 
@@ -179,12 +192,4 @@ def format_table(results: Sequence[Mapping[str, object]]) -> str:
     )
     for r in results
   ]
-  widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
-  lines = [
-    "  ".join(
-      x.ljust(n) if j < 2 else x.rjust(n)
-      for j, (x, n) in enumerate(zip(row, widths, strict=True))
-    )
-    for row in (head, *rows)
-  ]
-  return "\n".join(lines)
+  return align(head, rows, left=2)

@@ -271,6 +271,14 @@ def train_and_evaluate(
   data_dir = datasets.resolve_data_dir(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   cfg_in = config.input
+  for split in (cfg_in.val_split, *cfg_in.test_splits):
+    side, ref = pipeline.largest_image(data_dir, split)
+    if side > cfg_in.max_eval_size:  # Found now, not after training.
+      raise config_lib.ConfigError(
+        f"Split {split!r} has an image of side {side} (ref {ref}), larger "
+        f"than the evaluation canvas input.max_eval_size="
+        f"{cfg_in.max_eval_size}; set --config.input.max_eval_size={side}."
+      )
   setup = build_setup(config, pipeline.num_refs(data_dir, cfg_in.train_split))
   mesh, total = setup.mesh, setup.total_steps
   per_process = sharding.per_process_batch_size(cfg_in.global_batch_size, mesh)

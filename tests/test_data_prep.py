@@ -108,8 +108,10 @@ def test_roundtrip_matches_sources(raw, prepared):
     src = refs[rec["ref_id"]]
     image = inst.images[rec["image_id"]]
     seen.update(
-      (rec["ref_id"], i, s)
-      for i, s in zip(rec["sent_ids"], rec["sentences"], strict=True)
+      (rec["ref_id"], i, s, k)
+      for i, s, k in zip(
+        rec["sent_ids"], rec["sentences"], rec["sentence_kinds"], strict=True
+      )
     )
     assert rec["ann_id"] == src["ann_id"] and rec["split"] == src["split"]
     mask = records.decode_mask(rec)
@@ -122,7 +124,7 @@ def test_roundtrip_matches_sources(raw, prepared):
     with open(os.path.join(raw, "images", image["file_name"]), "rb") as f:
       assert rec["image"] == f.read()
   expected = collections.Counter(
-    (r["ref_id"], s["sent_id"], s["sent"])
+    (r["ref_id"], s["sent_id"], s["sent"], s["kind"])
     for r in refs.values()
     for s in r["sentences"]
   )

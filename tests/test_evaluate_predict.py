@@ -156,6 +156,21 @@ def test_evaluate_saved_masks_recompute_metrics(workdir, evaluated, split):
   assert int(cells[0]) == len(rows)
   assert cells[1:] == [f"{recomputed[c]:.2f}" for c in metrics.COLUMNS]
   assert re.search(rf"^{split}\s+network\s", stdout, re.M)
+  # Per kind: the synthetic records carry each sentence's kind.
+  kinds = np.array([k for r in recs for k in r["sentence_kinds"]])
+  assert set(saved["by_kind"]) == set(kinds)
+  for kind, got in saved["by_kind"].items():
+    keep = kinds == kind
+    want = metrics.summarize(
+      np.array(inter)[keep], np.array(union)[keep], "original"
+    )
+    assert got == {
+      c: want[c] for c in ("expressions", *evaluation.KIND_COLUMNS)
+    }
+    row = re.search(rf"^{split}\s+{kind}\s+(.*)$", stdout, re.M).group(1)
+    assert row.split() == [str(got["expressions"])] + [
+      f"{got[c]:.2f}" for c in evaluation.KIND_COLUMNS
+    ]
   assert os.path.isfile(
     os.path.join(workdir, "eval", f"{split}-3-examples.png")
   )

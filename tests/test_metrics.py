@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from jmceln_jax import metrics
+from jmceln_jax import evaluation, metrics
 from jmceln_jax import preprocess as pp
 
 # Per expression: perfect, empty GT and prediction (U=0), empty prediction,
@@ -37,6 +37,31 @@ def test_summarize_hand_computed(convention, prs):
   assert res["mIoU"] == pytest.approx(100 * (1 + 0.75 + 0.5 + 0.6) / 6)
   for k, n in zip(metrics.PR_TENTHS, prs, strict=True):
     assert res[f"Pr@0.{k}"] == pytest.approx(100 * n / 6), k
+
+
+def test_by_kind_hand_computed():
+  # INTER/UNION's expressions in a shuffled evaluation order.
+  order = np.array([3, 0, 5, 1, 4, 2])
+  per = {"index": order, "original_i": INTER[order], "original_u": UNION[order]}
+  kinds = ["colour", "colour", "size", "size", "", "colour"]
+  got = evaluation.by_kind(per, kinds)
+  assert list(got) == ["", "colour", "size"]
+  assert got["colour"]["expressions"] == 3
+  assert got["colour"]["mIoU"] == pytest.approx(100 * (1 + 0 + 0.6) / 3)
+  assert got["colour"]["oIoU"] == pytest.approx(100 * 16 / 20)
+  assert got["colour"]["Pr@0.5"] == pytest.approx(100 * 2 / 3)
+  assert got["size"]["mIoU"] == pytest.approx(100 * 0.75 / 2)
+  assert got[""] == {"expressions": 1, "mIoU": 50.0, "oIoU": 50.0, "Pr@0.5": 0}
+  table = evaluation.format_by_kind({"val": got}).splitlines()
+  assert table[0].split() == [
+    "split",
+    "kind",
+    "exprs",
+    "mIoU",
+    "oIoU",
+    "Pr@0.5",
+  ]
+  assert table[2].split() == ["val", "colour", "3", "53.33", "80.00", "66.67"]
 
 
 def test_summarize_edge_cases():

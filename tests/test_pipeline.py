@@ -13,7 +13,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from bench import data as bench_data
-from data_prep import refcoco, refer_io, synthetic
+from data_prep import refcoco, refer_io, shards, synthetic
 from jmceln_jax import preprocess, text
 from jmceln_jax.data import augmentation, pipeline, records
 
@@ -377,6 +377,29 @@ def test_shuffle_sentences(data):
   donors = [sentences[r][s] for _, r, s in shuffled]
   np.testing.assert_array_equal(mixed["tokens"][:n], text.tokenize(donors, L))
   np.testing.assert_array_equal(mixed["sent_idx"][:n], shuffled[:, 2])
+
+
+def test_expression_kinds_follow_the_index(data, tmp_path):
+  raw, prepared = data
+  index = pipeline.expression_index(prepared, "testA")
+  kinds = pipeline.expression_kinds(prepared, "testA")
+  refs = {
+    r["ref_id"]: r for r in refer_io.load_refs(f"{raw}/{NAME}/refs(unc).p")
+  }
+  recs = list(records.iter_records(prepared, "testA"))
+  want = [refs[recs[r]["ref_id"]]["sentences"][s]["kind"] for r, _, s in index]
+  assert kinds == want and len(set(kinds)) > 1
+  # The same records without kinds (as RefCOCO's): None.
+  plain = str(tmp_path / "plain")
+  with shards.SplitWriter(plain, "testA", shard_size=4) as writer:
+    for rec in recs:
+      del rec["sentence_kinds"]
+      writer.write(records.encode_record(rec))
+    writer.finish({})
+  assert pipeline.expression_kinds(plain, "testA") is None
+  np.testing.assert_array_equal(
+    pipeline.expression_index(plain, "testA"), index
+  )
 
 
 def test_clear_errors(data):

@@ -192,6 +192,10 @@ def test_record_roundtrip():
   got = records.decode_mask(decoded)
   assert got.dtype == np.uint8
   np.testing.assert_array_equal(got, mask)
+  assert "sentence_kinds" not in decoded  # Optional: RefCOCO has none.
+  kinds = ["colour"] * len(rec["sentences"])
+  with_kinds = records.encode_record({**rec, "sentence_kinds": kinds})
+  assert records.decode_record(with_kinds)["sentence_kinds"] == kinds
 
 
 def test_record_validation_errors():
@@ -205,6 +209,8 @@ def test_record_validation_errors():
     records.encode_record({k: v for k, v in rec.items() if k != "image"})
   with pytest.raises(records.RecordError, match="one sent_id per sentence"):
     records.encode_record({**rec, "sent_ids": [1]})
+  with pytest.raises(records.RecordError, match="one str per sentence"):
+    records.encode_record({**rec, "sentence_kinds": ["colour", "x", "y"]})
   with pytest.raises(records.RecordError, match="mask size"):
     records.encode_record({**rec, "height": 9})
   with pytest.raises(FileNotFoundError, match="data_prep"):

@@ -85,6 +85,15 @@ def test_run_writes_every_artifact(straight, setup):
     "testA",
     "testB",
   ]
+  # The synthetic data records kinds: per-kind scores, also under eval/.
+  by_kind = results["by_kind"]
+  assert set(by_kind) == {"testA", "testB"}
+  for split, r in zip(("testA", "testB"), results["results"], strict=True):
+    n = sum(k["expressions"] for k in by_kind[split].values())
+    assert n == r["original"]["expressions"]
+  step = results["checkpoint"]["step"]
+  saved = _read_json(f"{straight}/eval/by_kind-{step}.json")
+  assert saved["by_kind"] == by_kind
   assert not glob.glob(f"{straight}/**/*.tmp", recursive=True)
 
 
@@ -136,6 +145,13 @@ def test_divergence_stops_before_saving(straight, data_dir, setup, tmp_path):
     trainer.train_and_evaluate(tu.make_config(data_dir), str(tmp_path))
   ckpt = checkpointing.Checkpointer(ckpt_dir, read_only=True)
   assert ckpt.all_steps() == [3]
+
+
+def test_small_eval_canvas_is_refused_before_training(data_dir, tmp_path):
+  config = tu.make_config(data_dir, **{"input.max_eval_size": 64})
+  with pytest.raises(config_lib.ConfigError, match=r"max_eval_size=\d+\.$"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")
 
 
 def test_non_finite_loss_names_its_step(tmp_path):

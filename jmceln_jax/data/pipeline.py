@@ -230,6 +230,32 @@ def expression_index(data_dir: str, split: str) -> np.ndarray:
   return np.asarray(rows, np.int64).reshape(-1, 3)
 
 
+def expression_kinds(data_dir: str, split: str) -> list[str] | None:
+  """The kind of every expression of a split ("colour", "position", ...), in
+  `expression_index` order, or None when its records record no kinds
+  (RefCOCO). Records without `sentence_kinds` next to ones with get ""."""
+  source = _source(data_dir, split)
+  kinds, found = [], False
+  for i in range(len(source)):
+    record = records.decode_record(source[i])
+    own = record.get("sentence_kinds")
+    found |= own is not None
+    kinds += own or [""] * len(record["sentences"])
+  return kinds if found else None
+
+
+def largest_image(data_dir: str, split: str) -> tuple[int, int]:
+  """(longest image side, its ref id) of a split: evaluation's canvas
+  (input.max_eval_size) must be at least that side."""
+  source = _source(data_dir, split)
+  side, ref = 0, -1
+  for i in range(len(source)):
+    r = records.decode_record(source[i])
+    if max(r["height"], r["width"]) > side:
+      side, ref = max(r["height"], r["width"]), r["ref_id"]
+  return side, ref
+
+
 def shuffle_sentences(index: np.ndarray, seed: int) -> np.ndarray:
   """Gives every expression the sentence of another one (a random cyclic
   derangement), keeping images and masks in place: the language ablation.

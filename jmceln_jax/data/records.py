@@ -18,6 +18,11 @@ reads them back. A record holds everything one referring object (a "ref") needs:
 | mask           | {"size": [H, W], "counts": bytes} | COCO compressed RLE of the mask |
 | sentences      | list[str] (>= 1)         | the referring expressions              |
 | sent_ids       | list[int]                | refer sentence ids, same order         |
+| sentence_kinds | list[str] (optional)     | kind of each sentence, same order      |
+
+`sentence_kinds` is written only when the raw refs record a kind per sentence
+(the synthetic data does: "colour", "position", ...; RefCOCO does not), and
+lets evaluation report results per kind. Records without it stay valid.
 
 Records are msgpack maps: reading prepared data never runs code (no pickle).
 Shards of a split live in `<data_dir>/<split>/` next to `manifest.json`, which
@@ -105,6 +110,15 @@ def _check(record: Any) -> None:
     )
   if not all(isinstance(s, str) for s in sentences):
     raise RecordError(f"{what}: every sentence must be a str.")
+  kinds = record.get("sentence_kinds")
+  if kinds is not None and (
+    not isinstance(kinds, list)
+    or len(kinds) != len(sentences)
+    or not all(isinstance(k, str) for k in kinds)
+  ):
+    raise RecordError(
+      f"{what}: 'sentence_kinds' must be one str per sentence, got {kinds!r}."
+    )
   if len(record["bbox"]) != 4:
     raise RecordError(f"{what}: bbox must be [x, y, w, h].")
 
