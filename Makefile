@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 WORKDIR ?= runs/synthetic
 
-.PHONY: install install-dev demo test lint clean-venv
+.PHONY: install install-dev demo test lint gpu-wheels clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,17 @@ test: $(VENV)/.dev
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# The GPU kit's wheels (bench/gpu_kit.sh): what a lent GPU machine (Python
+# 3.12, no network) lacks, downloaded here into .whl/.
+GPU_WHEELS := grain==0.2.18 array-record==0.8.6 ml-collections==1.1.0 \
+  pycocotools==2.0.11 ftfy==6.3.1 wcwidth==0.9.5 portpicker==1.6.0 \
+  clip-anytorch==2.6.0
+gpu-wheels: $(BIN)/python
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  --platform any -d .whl $(GPU_WHEELS)
 
 clean-venv:
 	rm -rf $(VENV)

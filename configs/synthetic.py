@@ -21,18 +21,5 @@ from jmceln_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-  c = config_lib.small_config(image_size=64, max_len=16, width=16, dim=64)
-  config_lib.apply_variant(c, arg or "full")
-  c.model.head_channels = (32, 16, 8)
-  c.input.synthetic_images = 3000
-  c.input.test_splits = ("testA", "testB")
-  c.input.global_batch_size = 16
-  c.input.eval_batch_size = 64
-  c.input.num_workers = 1
-  c.num_epochs = 6
-  c.optim.warmup_steps = 100
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 500
-  c.eval_every_epochs = 6
-  c.language_check = True
-  return c
+  """`arg`: a Table 2 variant (config_lib.VARIANTS; default "full")."""
+  return config_lib.synthetic_job(arg or "full", preset="default")

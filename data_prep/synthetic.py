@@ -21,6 +21,8 @@ purpose, so the sentence is needed to find the target. Splits:
 train, val, testA and testB; testA and testB are two held-out sets drawn from
 the same distribution (unlike RefCOCO's people / other-objects split).
 
+`--preset balanced` writes the balanced grounding benchmark: the six kinds of
+expression in equal shares, and colours shared between shapes (PRESETS).
 `--preset position` writes the position probe instead (three identical
 shapes per image, told apart only by position words; data_prep/
 position_probe.py). The same seed gives byte-identical files, whatever
@@ -89,6 +91,26 @@ def make_image(
 PRESETS: dict[str, tuple[Any, Any, ExpressionConfig]] = {
   # Coloured shapes, mostly colour and colour + shape expressions.
   "default": (make_image, scenes.SceneConfig(), ExpressionConfig()),
+  # The balanced grounding benchmark: the six kinds in equal shares (about
+  # 1/6 each), shapes that share colours as well as shapes, so that no one
+  # kind of word finds every target. describe() drops the kinds that cannot
+  # single out a target, so the weights below are not equal: they were
+  # calibrated (by iterating weight *= (1/6) / share over 600 images) so that
+  # the resulting shares are; tests/test_data_prep.py checks them.
+  "balanced": (
+    make_image,
+    scenes.SceneConfig(unique_colours=False),
+    ExpressionConfig(
+      weights=dict(
+        colour=0.65,
+        shape=1.0,
+        colour_shape=0.41,
+        size=0.33,
+        position=0.35,
+        relation=0.36,
+      )
+    ),
+  ),
   # Three identical shapes in a row, position words only (position_probe).
   "position": (
     position_probe.make_image,
@@ -298,8 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--preset",
     default="default",
     choices=sorted(PRESETS),
-    help="what is drawn and said: default (coloured shapes) or position "
-    "(three identical shapes told apart by position words)",
+    help="what is drawn and said: default (coloured shapes, mostly colour "
+    "words), balanced (the six kinds of expression in equal shares, shared "
+    "colours) or position (three identical shapes told apart by position "
+    "words)",
   )
   p.add_argument(
     "--name",

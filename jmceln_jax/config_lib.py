@@ -204,6 +204,28 @@ def small_config(
   return c
 
 
+def synthetic_job(variant: str, preset: str) -> ml_collections.ConfigDict:
+  """The CPU main job's settings (configs/synthetic.py, whose docstring
+  says how they were chosen) for one Table 2 variant and synthetic preset
+  (data_prep.synthetic.PRESETS)."""
+  c = small_config(image_size=64, max_len=16, width=16, dim=64)
+  apply_variant(c, variant)
+  c.model.head_channels = (32, 16, 8)
+  c.input.synthetic_preset = preset
+  c.input.synthetic_images = 3000
+  c.input.test_splits = ("testA", "testB")
+  c.input.global_batch_size = 16
+  c.input.eval_batch_size = 64
+  c.input.num_workers = 1
+  c.num_epochs = 6
+  c.optim.warmup_steps = 100
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.eval_every_epochs = 6
+  c.language_check = True
+  return c
+
+
 def check_training(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for settings that train but cannot be meant.
 

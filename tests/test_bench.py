@@ -7,10 +7,20 @@ bench/data.py's smoke test is in tests/test_pipeline.py.
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
-from bench import common, encoders, evaluation, query_init, train_step
+from bench import (
+  ablations,
+  common,
+  encoders,
+  evaluation,
+  query_init,
+  train_step,
+)
+from data_prep import expressions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,3 +126,74 @@ def test_query_init_tiny(tmp_path, capsys):
   assert set(cosines) == {0.02, 1.0}
   assert all(-1 <= c <= 1 for c in cosines.values())
   assert "cos q^1" in capsys.readouterr().out
+
+
+def test_ablations_tiny_trains_scores_and_reuses(tmp_path, capsys):
+  argv = ("--workdir", str(tmp_path / "runs"), "--variants", "baseline")
+  out = _run(ablations.main, tmp_path, *argv, "--seeds", "0")
+  (run,) = out["runs"]
+  assert run["variant"] == "baseline" and run["wall_s"] > 0
+  results = json.loads(
+    (tmp_path / "runs/baseline-seed0/results.json").read_text()
+  )
+  assert run["mIoU"] == pytest.approx(
+    sum(
+      r["original"]["mIoU"] * r["original"]["expressions"]
+      for r in results["results"]
+    )
+    / sum(r["original"]["expressions"] for r in results["results"])
+  )
+  # The balanced data: every kind is scored.
+  assert set(run["by_kind"]) == set(expressions.KINDS)
+  (row,) = out["results"]
+  assert row["delta"] == 0 and row["paper_delta"] == 0 and row["mIoU_sd"] == 0
+  assert "| baseline |" in capsys.readouterr().out
+  # A finished run is reused, not trained again.
+  stamp = os.path.getmtime(tmp_path / "runs/baseline-seed0/results.json")
+  again = _run(ablations.main, tmp_path, *argv, "--seeds", "0")
+  assert again["runs"] == out["runs"]
+  assert (
+    os.path.getmtime(tmp_path / "runs/baseline-seed0/results.json") == stamp
+  )
+
+
+def test_ablations_table_against_the_paper():
+  def run(variant, seed, miou):
+    kinds = {"colour": miou + 10, "position": miou - 10}
+    return dict(variant=variant, seed=seed, mIoU=miou, by_kind=kinds, wall_s=60)
+
+  runs = [run("baseline", 0, 50), run("baseline", 1, 54), run("full", 0, 70)]
+  for r in runs:
+    r["Pr@0.5"], r["Pr@0.9"] = r["mIoU"], 0.0
+  base, full = ablations.summarize(runs)
+  assert (base["mIoU"], base["mIoU_sd"], base["seeds"]) == (52, 2, [0, 1])
+  assert base["by_kind"]["position"] == (42, 2)
+  assert full["delta"] == 18
+  assert full["paper_delta"] == pytest.approx(70.43 - 62.57)
+  text = ablations.table([base, full]).splitlines()
+  assert text[0].split()[:4] == ["variant", "mIoU", "vs", "baseline"]
+  assert text[2].split()[:5] == ["full", "70.0", "±", "0.0", "+18.0"]
+
+
+def test_gpu_kit_runs_every_step_in_tiny_mode(tmp_path):
+  """bench/gpu_kit.sh as a lent GPU machine runs it, each step in its --tiny
+  mode on CPU: every step exits 0 and writes its JSON."""
+  env = dict(
+    os.environ,
+    KIT_TINY="1",
+    OUT=str(tmp_path / "out"),
+    KIT_WORKDIR=str(tmp_path / "ablations"),
+    PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+  )
+  # The kit calls python3: make it this interpreter.
+  (tmp_path / "bin").mkdir()
+  os.symlink(sys.executable, tmp_path / "bin" / "python3")
+  env["PATH"] = str(tmp_path / "bin") + os.pathsep + env["PATH"]
+  subprocess.run(
+    ["bash", "bench/gpu_kit.sh"], cwd=ROOT, env=env, check=True, timeout=900
+  )
+  log = (tmp_path / "out" / "log.txt").read_text()
+  for name in ("train_step", "encoders", "ablations"):
+    assert f"== {name}: exit 0" in log, log[-2000:]
+    out = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+    assert out["settings"]["tiny"] is True and out["results"]

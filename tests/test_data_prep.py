@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from data_prep import inspect as inspect_tool
 from data_prep import (
+  expressions,
   prepare,
   refcoco,
   refer_io,
@@ -26,6 +26,7 @@ from data_prep import (
   synthetic,
   tfds_refcoco,
 )
+from data_prep import inspect as inspect_tool
 from jmceln_jax.data import records
 
 NAME = "syn"
@@ -171,6 +172,32 @@ def test_synthetic_is_deterministic(tmp_path):
   assert mismatch == [] and errors == []
   match, mismatch, errors = filecmp.cmpfiles(a, c, files, shallow=False)
   assert match == [] and errors == []
+
+
+def test_balanced_preset_has_equal_kinds_and_shared_colours(tmp_path):
+  info = synthetic.generate(
+    str(tmp_path),
+    num_images=300,
+    seed=5,
+    name=NAME,
+    progress=False,
+    preset="balanced",
+  )
+  total = sum(info["kinds"].values())
+  shares = {k: info["kinds"].get(k, 0) / total for k in expressions.KINDS}
+  assert all(0.13 < s < 0.2 for s in shares.values()), shares
+  # Distractors: many targets share their colour, many their shape.
+  anns = _instances(tmp_path).annotations.values()
+  by_image = collections.defaultdict(list)
+  for a in anns:
+    by_image[a["image_id"]].append(a["attributes"])
+  for attr in ("colour", "shape"):
+    shared = [
+      sum(o[attr] == t[attr] for o in objs) > 1
+      for objs in by_image.values()
+      for t in objs
+    ]
+    assert 0.3 < np.mean(shared) < 0.8, attr
 
 
 def _corrupt_copy(raw, dst):
