@@ -144,6 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = ml_collections.config_dict.placeholder(int)  # Overrides.
   c.log_every_steps = 50
   c.eval_every_epochs = 1
+  # Expressions of the first validation batch drawn into TensorBoard
+  # ("val/predictions") at every validation; 0: none.
+  c.val_previews = 4
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 2
   # After training, also score the first test split with sentences shuffled

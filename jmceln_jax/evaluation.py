@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -56,9 +57,15 @@ _DATASETS = {
 }
 
 
-def _eval_fn(state, batch, *, model, with_logits):
-  out = train_lib.eval_step(state, batch, model=model, with_logits=with_logits)
+def _eval_fn(state, batch, *, model, with_logits, previews):
+  out = train_lib.eval_step(
+    state, batch, model=model, with_logits=with_logits or previews > 0
+  )
   out["valid"], out["index"] = batch["valid"], batch["index"]
+  if previews:  # Only the first rows' masks leave the device.
+    out["preview"] = jnp.argmax(out["logits"][:previews], -1).astype(jnp.uint8)
+    if not with_logits:
+      del out["logits"]
   return out
 
 
@@ -72,6 +79,8 @@ class Evaluator:
     input_cfg: `config.input` (image_size, max_len, eval_batch_size,
       max_eval_size, vocab, num_workers).
     with_logits: also return network-resolution logits to `on_batch`.
+    previews: return the predicted masks of this many expressions of the
+      first batch (`run`'s "previews"), for TensorBoard.
   """
 
   def __init__(
@@ -82,11 +91,18 @@ class Evaluator:
     input_cfg: ml_collections.ConfigDict,
     *,
     with_logits: bool = False,
+    previews: int = 0,
   ):
     self.mesh = mesh
     self.cfg = input_cfg
+    self.previews = min(previews, input_cfg.eval_batch_size)
     self._step = jax.jit(
-      functools.partial(_eval_fn, model=model, with_logits=with_logits),
+      functools.partial(
+        _eval_fn,
+        model=model,
+        with_logits=with_logits,
+        previews=self.previews,
+      ),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=sharding.replicated(mesh),
       compiler_options=xla_options.for_dtype(model.dtype),
@@ -119,7 +135,9 @@ class Evaluator:
       {"split", "expressions", "original": summary, "network": summary,
        "per_expression": {"index", "original_i", ... } host arrays}, and
       "by_kind" (see `by_kind`) when the split's records carry kinds and
-      `sentences` is None.
+      `sentences` is None, and "previews" (with `previews`): the first
+      expressions' [S, S, 3] uint8 input images, [S, S] bool predicted
+      masks, [S, S] bool targets and sentences.
     """
     cfg = self.cfg
     batch = cfg.eval_batch_size
@@ -128,6 +146,9 @@ class Evaluator:
         f"input.eval_batch_size={batch} is not divisible by the "
         f"{self.mesh.devices.size} devices."
       )
+    index = sentences
+    if index is None:
+      index = pipeline.expression_index(data_dir, split)
     dataset, n = pipeline.eval_dataset(
       data_dir,
       split,
@@ -139,8 +160,9 @@ class Evaluator:
       num_workers=cfg.num_workers,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
-      sentences=sentences,
+      sentences=index,
     )
+    previews = None
     collected: dict[str, list[np.ndarray]] = {}
     bar = tqdm(
       total=n,
@@ -167,6 +189,8 @@ class Evaluator:
           collected.setdefault(key, []).append(np.asarray(out[key])[keep])
         if on_batch is not None:
           on_batch(host_batch, out)
+        if previews is None and self.previews:
+          previews = self._previews(data_dir, split, index, host_batch, out)
         bar.update(int(keep.sum()))
     finally:
       bar.close()
@@ -187,7 +211,24 @@ class Evaluator:
     )
     if kinds is not None:
       result["by_kind"] = by_kind(arrays, kinds)
+    if previews is not None:
+      result["previews"] = previews
     return result
+
+  def _previews(self, data_dir, split, index, host_batch, out) -> dict:
+    """The first batch's first expressions: inputs, masks and sentences."""
+    k = min(self.previews, len(host_batch["image"]))  # This process's rows.
+    source = pipeline.split_source(data_dir, split)
+    sentences = []
+    for row in index[np.asarray(out["index"][:k])]:
+      record = records.decode_record(source[int(row[1])])
+      sentences.append(record["sentences"][int(row[2])])
+    return dict(
+      image=np.asarray(host_batch["image"][:k]),
+      mask=np.asarray(out["preview"][:k], bool),
+      target=np.asarray(host_batch["target"][:k], bool),
+      sentence=sentences,
+    )
 
 
 def by_kind(

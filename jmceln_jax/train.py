@@ -4,7 +4,8 @@
       [--config.FIELD=VALUE ...]
 
 The workdir receives checkpoints (resumed automatically), metrics.jsonl,
-TensorBoard events, config.json, curves.png and results.json.
+TensorBoard scalars and validation previews, config.json, curves.png and
+results.json.
 
 Main config fields (override with --config.FIELD=VALUE):
   input.data_dir            prepared data (python -m data_prep.refcoco)

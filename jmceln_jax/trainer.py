@@ -29,6 +29,7 @@ from jmceln_jax import (
   paths,
   sharding,
   train_lib,
+  visualize,
   writers,
   xla_options,
 )
@@ -319,7 +320,11 @@ def train_and_evaluate(
   )
   p_train = jit_train_step(config, setup)
   evaluator = evaluation.Evaluator(
-    setup.model, mesh, setup.state_shardings, cfg_in
+    setup.model,
+    mesh,
+    setup.state_shardings,
+    cfg_in,
+    previews=config.get("val_previews", 0),  # Older configs lack it.
   )
   writer = writers.MetricWriter(workdir, enabled=is_main)
   pending = _Pending(ckpt_dir, ckpt)
@@ -362,6 +367,10 @@ def train_and_evaluate(
       result = evaluator.run(state, data_dir, cfg_in.val_split)
       ckpt_metrics = _scalars(result, "val")
       writer.write_scalars(step, ckpt_metrics)
+      if "previews" in result:
+        writer.write_images(
+          step, {"val/predictions": visualize.preview_grid(result["previews"])}
+        )
       if is_main:
         print(metrics.format_table(evaluation.table_rows([result])))
       t_last = time.time()  # Evaluation time is not training throughput.

@@ -185,6 +185,26 @@ def grid(
   return out
 
 
+def preview_grid(previews: dict, size: int = 192) -> np.ndarray:
+  """Evaluator.run's "previews" as one picture: a panel per expression
+  (prediction tinted, target outlined, sentence below).
+
+  Returns:
+    [H, W, 3] uint8 RGB.
+  """
+  panels = [
+    panel(image, mask, sentence, gt=target, size=size)
+    for image, mask, target, sentence in zip(
+      previews["image"],
+      previews["mask"],
+      previews["target"],
+      previews["sentence"],
+      strict=True,
+    )
+  ]
+  return np.asarray(grid(panels, columns=len(panels)))
+
+
 def save_png(image: Image.Image | np.ndarray, path: str) -> None:
   """Writes a PNG atomically (temporary name, then rename); makes parents.
 

@@ -73,7 +73,10 @@ def test_run_writes_every_artifact(straight, setup):
   records = writers.read_metrics(f"{straight}/metrics.jsonl")
   assert sorted(_train_losses(straight)) == list(range(1, 9))
   assert [r["step"] for r in records if trainer.BEST_METRIC in r] == evals
-  assert glob.glob(f"{straight}/tensorboard/events.out.tfevents.*")
+  (events,) = glob.glob(f"{straight}/tensorboard/events.out.tfevents.*")
+  with open(events, "rb") as f:  # Scalars and the validation previews.
+    data = f.read()
+  assert b"train/loss" in data and data.count(b"val/predictions") == len(evals)
   config = _read_json(f"{straight}/config.json")
   assert config["total_steps"] == 8 and config["model"]["use_pan"] is False
   with Image.open(f"{straight}/curves.png") as img:

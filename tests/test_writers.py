@@ -1,55 +1,58 @@
-"""Metric writers: JSON lines, TensorBoard framing, curves PNG."""
+"""Metric writers: JSON lines, TensorBoard scalars and images, curves PNG."""
 
 import glob
+import io
 import json
 import os
 import struct
 
+import numpy as np
 import pytest
 from PIL import Image
+from tensorboardX.proto import event_pb2
 
 from jmceln_jax import writers
 
 
-def _read_tfrecords(path):
-  """Parses TFRecord framing, checking both masked CRCs of every record."""
-  records = []
+def _read_events(path):
+  """The Event protos of a TensorBoard event file (TFRecord framing)."""
   with open(path, "rb") as f:
     data = f.read()
-  pos = 0
+  events, pos = [], 0
   while pos < len(data):
-    header = data[pos : pos + 8]
-    (length,) = struct.unpack("<Q", header)
-    (crc_len,) = struct.unpack("<I", data[pos + 8 : pos + 12])
-    assert crc_len == writers.masked_crc32c(header)
-    payload = data[pos + 12 : pos + 12 + length]
-    (crc_data,) = struct.unpack(
-      "<I", data[pos + 12 + length : pos + 16 + length]
+    (length,) = struct.unpack("<Q", data[pos : pos + 8])
+    events.append(
+      event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
     )
-    assert crc_data == writers.masked_crc32c(payload)
-    records.append(payload)
     pos += 16 + length
-  return records
+  return events
 
 
-def test_crc32c_check_value():
-  assert writers.crc32c(b"123456789") == 0xE3069283  # RFC 3720 check value.
-
-
-def test_metric_writer_jsonl_and_events(tmp_path):
+def test_metric_writer_jsonl_scalars_and_images(tmp_path):
   w = writers.MetricWriter(str(tmp_path))
   w.write_scalars(3, {"train/loss": 0.5, "lr": 1e-3})
   w.write_scalars(4, {"train/loss": 0.25})
+  picture = np.zeros((20, 30, 3), np.uint8)
+  picture[:, :10] = (255, 0, 0)
+  w.write_images(4, {"val/predictions": picture})
   w.close()
   recs = writers.read_metrics(str(tmp_path / "metrics.jsonl"))
   assert [r["step"] for r in recs] == [3, 4]
   assert recs[0]["train/loss"] == 0.5 and recs[1]["train/loss"] == 0.25
-  (events,) = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
-  records = _read_tfrecords(events)
-  assert len(records) == 1 + 3  # Version event + one per scalar.
-  assert b"brain.Event:2" in records[0]
-  assert b"train/loss" in records[1]
-  assert struct.pack("<f", 0.5) in records[1]
+  (path,) = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+  values = [(e.step, v) for e in _read_events(path) for v in e.summary.value]
+  scalars = [
+    (s, v.tag, v.simple_value) for s, v in values if v.HasField("simple_value")
+  ]
+  assert scalars == [
+    (3, "train/loss", 0.5),
+    (3, "lr", pytest.approx(1e-3)),
+    (4, "train/loss", 0.25),
+  ]
+  ((step, image),) = [(s, v) for s, v in values if v.HasField("image")]
+  assert step == 4 and image.tag == "val/predictions"
+  decoded = np.asarray(Image.open(io.BytesIO(image.image.encoded_image_string)))
+  np.testing.assert_array_equal(decoded, picture)
 
 
 def test_disabled_writer_writes_nothing(tmp_path):
@@ -65,7 +68,7 @@ def test_plot_curves(tmp_path):
   path = str(tmp_path / "curves.png")
   writers.plot_curves(recs, ("loss", "val/mIoU", "absent"), path)
   img = Image.open(path)
-  assert img.size == (480, 2 * 260)
+  assert img.format == "PNG" and img.size == (640, 2 * 240)  # Two panels.
 
 
 def test_atomic_writes_leave_old_file_on_failure(tmp_path):

@@ -143,7 +143,10 @@ class _EvalMap:
     return out
 
 
-def _source(data_dir: str, split: str) -> grain.sources.ArrayRecordDataSource:
+def split_source(
+  data_dir: str, split: str
+) -> grain.sources.ArrayRecordDataSource:
+  """Random access to a prepared split's encoded records, in record order."""
   return grain.sources.ArrayRecordDataSource(
     records.shard_paths(data_dir, split)
   )
@@ -206,7 +209,7 @@ def train_dataset(
       jittered geometry (of the flipped original when flipped).
   """
   example = Example(image_size, max_len, text.resolve_vocab(vocab))
-  ds = grain.MapDataset.source(_source(data_dir, split))
+  ds = grain.MapDataset.source(split_source(data_dir, split))
   ds = ds[process_index::process_count]
   if len(ds) < batch_size:
     raise ValueError(
@@ -222,7 +225,7 @@ def train_dataset(
 def expression_index(data_dir: str, split: str) -> np.ndarray:
   """[N, 3] int64 (record, sentence's record, sentence index) of every
   expression of a split, in record order. Reads each record once."""
-  source = _source(data_dir, split)
+  source = split_source(data_dir, split)
   rows = []
   for i in range(len(source)):
     n = len(records.decode_record(source[i])["sentences"])
@@ -234,7 +237,7 @@ def expression_kinds(data_dir: str, split: str) -> list[str] | None:
   """The kind of every expression of a split ("colour", "position", ...), in
   `expression_index` order, or None when its records record no kinds
   (RefCOCO). Records without `sentence_kinds` next to ones with get ""."""
-  source = _source(data_dir, split)
+  source = split_source(data_dir, split)
   kinds, found = [], False
   for i in range(len(source)):
     record = records.decode_record(source[i])
@@ -247,7 +250,7 @@ def expression_kinds(data_dir: str, split: str) -> list[str] | None:
 def largest_image(data_dir: str, split: str) -> tuple[int, int]:
   """(longest image side, its ref id) of a split: evaluation's canvas
   (input.max_eval_size) must be at least that side."""
-  source = _source(data_dir, split)
+  source = split_source(data_dir, split)
   side, ref = 0, -1
   for i in range(len(source)):
     r = records.decode_record(source[i])
@@ -331,6 +334,6 @@ def eval_dataset(
   )
   example = Example(image_size, max_len, text.resolve_vocab(vocab), canvas)
   ds = grain.MapDataset.source(rows).map(
-    _EvalMap(example, _source(data_dir, split))
+    _EvalMap(example, split_source(data_dir, split))
   )
   return _finish(ds.batch(per, drop_remainder=True), num_workers), n
