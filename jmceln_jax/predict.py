@@ -218,6 +218,7 @@ class Predictor:
       else jax.devices()[0]
     )
     self.state = jax.device_put(state, self.device)
+    self.model = model
     self.image_size = int(input_cfg.image_size)
     self.max_batch = max_batch
     self.checkpoint = checkpoint

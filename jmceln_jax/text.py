@@ -181,6 +181,13 @@ def _build(path: str) -> tokenizers.Tokenizer:
   return tok
 
 
+def build_tokenizer(vocab: str | None = None) -> tokenizers.Tokenizer:
+  """The Rust BPE of a vocabulary (see the module docstring): it encodes
+  the regex pieces of cleaned text (`is_pretokenized=True`), without SOT/EOT;
+  `.save()` writes it as a self-contained tokenizer.json."""
+  return _build(resolve_vocab(vocab))
+
+
 def _encode(tok: tokenizers.Tokenizer, texts: Sequence[str]) -> list[list[int]]:
   pieces = [_SPLIT_RE.findall(clean(t)) for t in texts]
   return [e.ids for e in tok.encode_batch_fast(pieces, is_pretokenized=True)]

@@ -27,6 +27,7 @@ from jmceln_jax import (
   checkpointing,
   evaluate,
   evaluation,
+  export,
   metrics,
   predict,
   trainer,
@@ -290,3 +291,42 @@ def test_clear_errors(workdir, tmp_path):
     evaluate.evaluate_workdir(str(empty), config=config, splits=["val"])
   with pytest.raises(FileNotFoundError, match="No checkpoint at step 7"):
     predict.restore_state(workdir, None, checkpoint=7)
+
+
+_STANDALONE = """
+import sys
+import numpy as np
+from jmceln_exported import ExportedModel
+masks, probs = ExportedModel(".").predict(sys.argv[1], sys.argv[2:])
+np.save("masks.npy", masks)
+loaded = [m for m in sys.modules if m.split(".")[0] in ("flax", "jmceln_jax")]
+assert not loaded, loaded
+"""
+
+
+def test_export_runs_without_the_project_and_matches_predictor(
+  predictor, tmp_path
+):
+  out = export.write(str(tmp_path / "exported"), predictor)
+  with open(os.path.join(out, "model.stablehlo"), "rb") as f:
+    function = jax.export.deserialize(bytearray(f.read()))
+  assert function.platforms == ("cpu", "cuda")
+  images, tokens = function.in_avals[-2:]
+  assert str(images.shape[0]) == str(tokens.shape[0]) == "b"  # Any batch.
+  image = str(tmp_path / "scene.png")
+  rng = np.random.default_rng(1)
+  Image.fromarray(rng.integers(0, 256, (45, 70, 3), np.uint8)).save(image)
+  sentences = ["the left one", "big red circle", "a &amp; b"]
+  # In a fresh interpreter, in the export folder, without this checkout.
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  subprocess.run(
+    [sys.executable, "-c", _STANDALONE, image, *sentences],
+    cwd=out,
+    env=env,
+    check=True,
+  )
+  masks = np.load(os.path.join(out, "masks.npy"))
+  np.testing.assert_array_equal(masks, predictor(image, sentences))
+  assert 0 < masks.mean() < 1
+  with pytest.raises(FileExistsError, match="exists"):
+    export.write(out, predictor)
