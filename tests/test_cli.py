@@ -52,7 +52,9 @@ def test_train_config_mistakes(tmp_path, args, message):
   assert not workdir.exists()  # Nothing created.
 
 
-@pytest.mark.parametrize("program", ["train", "evaluate", "summary", "export"])
+@pytest.mark.parametrize(
+  "program", ["train", "evaluate", "summary", "export", "demo"]
+)
 def test_help_exits_zero(program):
   run = subprocess.run(
     [sys.executable, "-m", f"jmceln_jax.{program}", "--help"],

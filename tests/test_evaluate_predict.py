@@ -10,11 +10,16 @@ device (float32) and host (float64) resamplings can only flip a pixel whose
 interpolated logit is within rounding error of 0.
 """
 
+import base64
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
+import urllib.error
+import urllib.request
 
 import jax
 import numpy as np
@@ -25,6 +30,7 @@ from PIL import Image
 from configs import tiny
 from jmceln_jax import (
   checkpointing,
+  demo,
   evaluate,
   evaluation,
   export,
@@ -330,3 +336,59 @@ def test_export_runs_without_the_project_and_matches_predictor(
   assert 0 < masks.mean() < 1
   with pytest.raises(FileExistsError, match="exists"):
     export.write(out, predictor)
+
+
+def _http(url, body=None):
+  """(status, JSON or bytes) of a GET, or of a POST of `body` as JSON."""
+  data = None if body is None else json.dumps(body).encode()
+  try:
+    with urllib.request.urlopen(url, data, timeout=300) as r:
+      raw, status, kind = r.read(), r.status, r.headers["Content-Type"]
+  except urllib.error.HTTPError as e:
+    raw, status, kind = e.read(), e.code, e.headers["Content-Type"]
+  return status, json.loads(raw) if kind == "application/json" else raw
+
+
+def test_web_demo_serves_predictors_masks(workdir, predictor, tmp_path):
+  httpd = demo.serve(workdir, port=0)
+  threading.Thread(target=httpd.serve_forever, daemon=True).start()
+  url = f"http://127.0.0.1:{httpd.server_address[1]}"
+  try:
+    status, page = _http(url + "/")
+    assert status == 200 and b"/api/predict" in page
+    _, listed = _http(url + "/api/examples")
+    first = _records(workdir, "testA")[0]
+    assert listed["examples"][0]["sentences"] == first["sentences"]
+    status, png = _http(url + "/example/0")
+    assert status == 200 and Image.open(io.BytesIO(png)).size == (
+      first["width"],
+      first["height"],
+    )
+    sentences = ["the left one", "big red circle"]
+    status, out = _http(
+      url + "/api/predict", {"example": 0, "sentences": sentences}
+    )
+    assert status == 200 and out["seconds"] > 0
+    want = predictor(first["image"], sentences)
+    for result, mask in zip(out["results"], want, strict=True):
+      got = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["mask"]))))
+      np.testing.assert_array_equal(got > 127, mask)
+    # An upload, and clear errors.
+    upload = base64.b64encode(first["image"]).decode()
+    _, same = _http(
+      url + "/api/predict", {"image": upload, "sentences": sentences}
+    )
+    assert [r["mask"] for r in same["results"]] == [
+      r["mask"] for r in out["results"]
+    ]
+    status, err = _http(
+      url + "/api/predict", {"example": 0, "sentences": [" "]}
+    )
+    assert status == 400 and "sentence" in err["error"]
+    status, err = _http(
+      url + "/api/predict", {"image": "bm90IGFuIGltYWdl", "sentences": ["x"]}
+    )
+    assert status == 400 and "Cannot read the image" in err["error"]
+  finally:
+    httpd.shutdown()
+    httpd.server_close()
