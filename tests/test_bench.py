@@ -17,6 +17,7 @@ from bench import (
   common,
   encoders,
   evaluation,
+  position_probe,
   query_init,
   train_step,
 )
@@ -197,3 +198,11 @@ def test_gpu_kit_runs_every_step_in_tiny_mode(tmp_path):
     assert f"== {name}: exit 0" in log, log[-2000:]
     out = json.loads((tmp_path / "out" / f"{name}.json").read_text())
     assert out["settings"]["tiny"] is True and out["results"]
+
+
+def test_position_probe_tiny(tmp_path, capsys):
+  out = _run(position_probe.main, tmp_path, "--options", "none,all")
+  assert [r["option"] for r in out["results"]] == ["none", "all"]
+  for r in out["results"]:
+    assert 0 <= r["seed0"] <= 1 and r["mean"] == r["seed0"]
+  assert "mIoU mean" in capsys.readouterr().out
