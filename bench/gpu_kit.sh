@@ -6,7 +6,10 @@
 #      MFU, peak memory (bench/train_step.py);
 #   2. the CLIP encoders against OpenAI's PyTorch code (bench/encoders.py);
 #   3. the balanced grounding benchmark, the full model and the baseline,
-#      one seed (bench/ablations.py).
+#      one seed (bench/ablations.py);
+#   4. the decoder's position probe at the paper's 52 x 52 map, no explicit
+#      position information against all of it, 1000 steps
+#      (bench/position_probe.py; 300 steps learn nothing at this side).
 # Prepare here with `make gpu-wheels` (the packages the machine lacks, as
 # Python 3.12 wheels in .whl/), then run from the repository root there:
 #   bash bench/gpu_kit.sh            (carry .whl; results in $OUT)
@@ -34,15 +37,18 @@ step() {  # step SECONDS NAME COMMAND...
   echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$OUT/log.txt"
 }
 if [ -n "${KIT_TINY:-}" ]; then
-  train_step=(--tiny) encoders=(--tiny) ablations=(--tiny)
+  train_step=(--tiny) encoders=(--tiny) ablations=(--tiny) probe=(--tiny)
 else
   train_step=(--config configs/refcoco.py --per_device_batch 10 --steps 5)
   encoders=(--image_batches 1,32 --text_batches 1,64)
   ablations=(--variants baseline,full)
+  probe=(--side 52 --steps 1000 --seeds 0 --options none,all)
 fi
-step 200 train_step python3 -m bench.train_step "${train_step[@]}" \
+step 190 train_step python3 -m bench.train_step "${train_step[@]}" \
   --dtype bfloat16,float32 --json "$OUT/train_step.json"
-step 90 encoders python3 -m bench.encoders "${encoders[@]}" \
+step 70 encoders python3 -m bench.encoders "${encoders[@]}" \
   --json "$OUT/encoders.json"
-step 170 ablations python3 -m bench.ablations "${ablations[@]}" --seeds 0 \
+step 140 ablations python3 -m bench.ablations "${ablations[@]}" --seeds 0 \
   --workdir "${KIT_WORKDIR:-/tmp/ablations}" --json "$OUT/ablations.json"
+step 60 position_probe python3 -m bench.position_probe "${probe[@]}" \
+  --json "$OUT/position_probe.json"

@@ -194,7 +194,7 @@ def test_gpu_kit_runs_every_step_in_tiny_mode(tmp_path):
     ["bash", "bench/gpu_kit.sh"], cwd=ROOT, env=env, check=True, timeout=900
   )
   log = (tmp_path / "out" / "log.txt").read_text()
-  for name in ("train_step", "encoders", "ablations"):
+  for name in ("train_step", "encoders", "ablations", "position_probe"):
     assert f"== {name}: exit 0" in log, log[-2000:]
     out = json.loads((tmp_path / "out" / f"{name}.json").read_text())
     assert out["settings"]["tiny"] is True and out["results"]
