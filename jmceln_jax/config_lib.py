@@ -84,10 +84,12 @@ def base_config() -> ml_collections.ConfigDict:
   # update leaves the Q rows of q^1 at mean cosine 0.999 (bench.query_init).
   c.model.query_init_std = 1.0
   c.model.use_words = False  # Word features as extra keys/values in Eq. 3.
-  # Absolute position information (inferred; docs/architecture.md):
-  c.model.coord_conv = False  # CRIS's CoordConv (x, y channels) in the neck.
-  c.model.sine_pos = False  # Sine encodings: Eq. 3 keys, Eq. 4 queries.
-  c.model.lsran_sine_pos = False  # Sine encodings in LSRAN's windows.
+  # Absolute position information (inferred; docs/architecture.md): all on,
+  # chosen by the decoder's position probe at the paper's 52 x 52 map,
+  # where a decoder without it cannot tell identical objects apart.
+  c.model.coord_conv = True  # CRIS's CoordConv (x, y channels) in the neck.
+  c.model.sine_pos = True  # Sine encodings: Eq. 3 keys, Eq. 4 queries.
+  c.model.lsran_sine_pos = True  # Sine encodings in LSRAN's windows.
   c.model.pan_residual = "previous"  # "previous" (F_mt^i, paper) or "input".
   c.model.head_channels = (256, 128, 64)  # 52->104->208->416.
   c.model.deep_supervision = False  # Also return per-stage logits.

@@ -188,6 +188,11 @@ def _shifted_response(options: dict, shift: int = 16) -> float:
 POSITION_OPTIONS = ("coord_conv", "sine_pos", "lsran_sine_pos")
 
 
+def test_the_default_config_gives_the_decoder_absolute_position():
+  model = config_lib.base_config().model
+  assert _shifted_response({k: model[k] for k in POSITION_OPTIONS}) > 1e-3
+
+
 @pytest.mark.parametrize("option", POSITION_OPTIONS)
 def test_each_position_option_breaks_translation_equivariance(option):
   # Position-free: exactly 0 here; with the option: 4e-3 to 5e-2 at init.
