@@ -186,9 +186,12 @@ def test_gpu_kit_runs_every_step_in_tiny_mode(tmp_path):
     KIT_WORKDIR=str(tmp_path / "ablations"),
     PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
   )
-  # The kit calls python3: make it this interpreter.
+  # The kit calls python3: make it this interpreter (a wrapper, not a
+  # symlink, so that a virtual environment still finds its packages).
   (tmp_path / "bin").mkdir()
-  os.symlink(sys.executable, tmp_path / "bin" / "python3")
+  wrapper = tmp_path / "bin" / "python3"
+  wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+  wrapper.chmod(0o755)
   env["PATH"] = str(tmp_path / "bin") + os.pathsep + env["PATH"]
   subprocess.run(
     ["bash", "bench/gpu_kit.sh"], cwd=ROOT, env=env, check=True, timeout=900
