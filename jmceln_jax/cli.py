@@ -83,6 +83,19 @@ def is_checkpoint(value: str) -> bool:
   return value in ("best", "latest") or value.isdigit()
 
 
+def define_checkpoint_flag() -> None:
+  """The absl --checkpoint flag of the programs that restore a run."""
+  flags.DEFINE_string(
+    "checkpoint",
+    "best",
+    "best (highest validation mIoU; latest when none has metrics), latest, "
+    "or a step number.",
+  )
+  flags.register_validator(
+    "checkpoint", is_checkpoint, f"--checkpoint must be {CHECKPOINT_VALUES}."
+  )
+
+
 def checkpoint_arg(value: str) -> str:
   """argparse type of --checkpoint."""
   if not is_checkpoint(value):

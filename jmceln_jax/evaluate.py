@@ -348,17 +348,7 @@ def define_flags() -> None:
     "(default: input.val_split and input.test_splits).",
   )
   flags.DEFINE_alias("split", "splits")
-  flags.DEFINE_string(
-    "checkpoint",
-    "best",
-    "best (highest validation mIoU; latest when none has metrics), latest, "
-    "or a step number.",
-  )
-  flags.register_validator(
-    "checkpoint",
-    cli.is_checkpoint,
-    f"--checkpoint must be {cli.CHECKPOINT_VALUES}.",
-  )
+  cli.define_checkpoint_flag()
   flags.DEFINE_string(
     "save_predictions",
     None,

@@ -126,17 +126,7 @@ def define_flags() -> None:
   """The command-line flags (defined only when run as a program)."""
   flags.DEFINE_string("workdir", None, "Training run directory.")
   flags.DEFINE_string("out", None, "New folder to write the export to.")
-  flags.DEFINE_string(
-    "checkpoint",
-    "best",
-    "best (highest validation mIoU; latest when none has metrics), latest, "
-    "or a step number.",
-  )
-  flags.register_validator(
-    "checkpoint",
-    cli.is_checkpoint,
-    f"--checkpoint must be {cli.CHECKPOINT_VALUES}.",
-  )
+  cli.define_checkpoint_flag()
   flags.DEFINE_list(
     "platforms",
     list(PLATFORMS),

@@ -23,6 +23,8 @@ from bench import (
 )
 from data_prep import expressions
 
+pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

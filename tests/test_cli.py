@@ -9,6 +9,8 @@ import pytest
 from jmceln_jax import config_lib, predict
 from jmceln_jax.models import jmceln
 
+pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 REFCOCO = os.path.join(ROOT, "configs", "refcoco.py")

@@ -20,6 +20,8 @@ from jmceln_jax import convert_clip
 from jmceln_jax.config_lib import CLIP_RN101
 from jmceln_jax.models import clip, clip_resnet
 
+pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
+
 torch = ref.torch
 F = ref.F
 TOL = 1e-4

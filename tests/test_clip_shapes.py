@@ -31,6 +31,7 @@ def _shapes(model, images, tokens):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "hparams, width", [(RN50, 64), (CLIP_RN101, 64), (RN50X4, 80)]
 )
@@ -90,6 +91,7 @@ def test_bfloat16_compute_keeps_float32_params():
   chex.assert_shape(image["dense"], (1, 3, 4, 1024))
 
 
+@pytest.mark.slow
 def test_hparams_and_parameter_count_match_openai():
   import clip_torch_ref as ref  # Here: only this test needs torch.
 
@@ -107,6 +109,7 @@ def test_hparams_and_parameter_count_match_openai():
   assert count == torch_count - 1 + 2048 * 512 + 2 * 512
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("freeze_bn", [False, True])
 def test_batch_norm_modes(freeze_bn):
   """Frozen: OpenAI's statistics never change and their outputs are the

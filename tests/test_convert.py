@@ -207,6 +207,7 @@ def test_key_mismatches_are_listed(tiny):
   assert "batch_stats/visual/layer4/0/bn2/var" in message
 
 
+@pytest.mark.slow
 def test_cli_output_and_overwrite(tiny, tmp_path):
   _, directory, state = tiny
   source = str(directory / "fp16.pt")

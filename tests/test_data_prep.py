@@ -149,6 +149,7 @@ def test_drawn_shapes_match_their_masks(raw, prepared):
     )
 
 
+@pytest.mark.slow
 def test_output_independent_of_worker_count(raw, prepared, tmp_path):
   out, _ = prepared
   _convert(raw, tmp_path, shard_size=5, num_workers=2)
@@ -158,6 +159,7 @@ def test_output_independent_of_worker_count(raw, prepared, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_synthetic_is_deterministic(tmp_path):
   a = _generate(tmp_path / "a", num_images=6, seed=3)
   b = _generate(tmp_path / "b", num_images=6, seed=3, num_workers=2)
@@ -174,6 +176,7 @@ def test_synthetic_is_deterministic(tmp_path):
   assert match == [] and errors == []
 
 
+@pytest.mark.slow
 def test_balanced_preset_has_equal_kinds_and_shared_colours(tmp_path):
   info = synthetic.generate(
     str(tmp_path),

@@ -204,6 +204,7 @@ def test_lsran_non_square_window_not_dividing():
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("residual", ["previous", "input"])
 def test_pan_zero_gate_passes_residual(residual):
   """With a zero previous-stage projection g the gated path is exactly zero;
@@ -255,6 +256,7 @@ def _perturb_stage_output(stage_name, delta):
   return interceptor
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adaptive", [True, False])
 def test_cascade_feedback_only_with_adaptive_lce(adaptive):
   """Perturbing F_mt^1 (stage 0's output) changes q^2 only with adaptive
@@ -284,6 +286,7 @@ def test_cascade_feedback_only_with_adaptive_lce(adaptive):
   assert float(jnp.max(jnp.abs(moved[1]["f_mt"] - ref[1]["f_mt"]))) > 1e-3
 
 
+@pytest.mark.slow
 def test_cascade_words_and_query_init():
   f_m = _normal(23, (B, H, W, C))
   words = _normal(24, (B, 5, 16))

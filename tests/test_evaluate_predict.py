@@ -40,6 +40,8 @@ from jmceln_jax import (
 )
 from jmceln_jax.data import datasets, records
 
+pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
+
 SPLITS = ("val", "testA")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

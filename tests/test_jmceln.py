@@ -14,6 +14,8 @@ from flax_test_utils import TINY_CLIP
 from jmceln_jax import config_lib, losses
 from jmceln_jax.models.jmceln import JMCELNDecoder, build_model
 
+pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
+
 B, H, W = 2, 64, 96  # H/8 x W/8 = 8 x 12: window 3 does not divide 8.
 TINY = dict(
   dim=32,

@@ -313,6 +313,7 @@ def test_mirror_sentence(sentence, mirrored):
   assert augmentation.mirror_sentence(sentence) == mirrored
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches(data):
   _, prepared = data
   before = len(multiprocessing.active_children())

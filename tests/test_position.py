@@ -58,6 +58,7 @@ def _collapse(std: float, dim: int = 256) -> float:
   return float(stages[0]["query_cosine"])
 
 
+@pytest.mark.slow
 def test_small_query_init_collapses_the_embeddings():
   """The paper stresses that the Q embeddings start different; at std 0.02
   one Eq. 3 update makes them nearly identical, at 1.0 it does not."""
@@ -131,6 +132,7 @@ def test_coord_conv_adds_the_neck_coord_layer():
   assert shapes[True]["coord"]["conv"]["kernel"].shape == (3, 3, 34, 32)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_before_the_position_options_is_refused(tmp_path):
   """A state saved without the neck's coord layer is refused by name."""
   config = config_lib.small_config(image_size=64, max_len=8, width=8, dim=32)
@@ -188,11 +190,13 @@ def _shifted_response(options: dict, shift: int = 16) -> float:
 POSITION_OPTIONS = ("coord_conv", "sine_pos", "lsran_sine_pos")
 
 
+@pytest.mark.slow
 def test_the_default_config_gives_the_decoder_absolute_position():
   model = config_lib.base_config().model
   assert _shifted_response({k: model[k] for k in POSITION_OPTIONS}) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", POSITION_OPTIONS)
 def test_each_position_option_breaks_translation_equivariance(option):
   # Position-free: exactly 0 here; with the option: 4e-3 to 5e-2 at init.

@@ -13,8 +13,12 @@ also tells the blobs apart, so this test alone does not show that the
 explicit options are on: tests/test_position.py's translation tests do.)
 """
 
+import pytest
+
 from bench import position_probe
 from jmceln_jax import config_lib
+
+pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
 
 
 def test_default_position_options_ground_position_words():

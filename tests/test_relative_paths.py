@@ -18,6 +18,8 @@ from PIL import Image
 
 from jmceln_jax import paths, predict
 
+pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
+
 
 @pytest.fixture(scope="module")
 def relative_run(tmp_path_factory):

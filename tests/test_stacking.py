@@ -14,6 +14,8 @@ from jmceln_jax import config_lib
 from jmceln_jax.models import clip_resnet, stacking
 from jmceln_jax.models.clip import CLIP
 
+pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
+
 # Runs to scan in both towers: layer2-4 (1, 2, 1 scanned blocks), 3 text layers.
 HPARAMS = dict(
   config_lib.CLIP_TINY, vision_layers=(1, 2, 3, 2), transformer_layers=3

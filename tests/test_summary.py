@@ -11,6 +11,8 @@ from flax_test_utils import ynnpack_ops
 from jmceln_jax import config_lib, sharding, summary, trainer
 from jmceln_jax.models import jmceln, stacking
 
+pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
+
 
 def _tiny_config(variant="full"):
   config = config_lib.small_config(image_size=32, max_len=8, width=8, dim=32)

@@ -68,6 +68,7 @@ _COARSE = dict(
 )
 
 
+@pytest.mark.slow
 def test_every_expression_names_only_its_target():
   kinds = collections.Counter()
   scene, config = scenes.SceneConfig(), ExpressionConfig()

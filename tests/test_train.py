@@ -32,6 +32,8 @@ from jmceln_jax import (
 from jmceln_jax.models import clip as clip_lib
 from jmceln_jax.models import stacking
 
+pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):

@@ -17,6 +17,8 @@ import train_utils as tu
 
 from jmceln_jax import checkpointing, sharding, trainer, writers
 
+pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
+
 TMP_MARK = ".orbax-checkpoint-tmp"
 # A worker of the two-process run: trains, then dumps its copy of the
 # (replicated) parameters.
