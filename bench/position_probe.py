@@ -36,18 +36,13 @@ import optax
 
 from bench import common
 from jmceln_jax import losses, metrics
+from jmceln_jax.models import position
 from jmceln_jax.models.jmceln import JMCELNDecoder
 
 WORDS = {"horizontal": ("left", "middle", "right"), "vertical": (
   "top", "middle", "bottom")}  # fmt: skip
 VOCAB = ("left", "middle", "right", "top", "bottom")
-OPTIONS = {
-  "none": dict(coord_conv=False, sine_pos=False, lsran_sine_pos=False),
-  "coord": dict(coord_conv=True, sine_pos=False, lsran_sine_pos=False),
-  "sine": dict(coord_conv=False, sine_pos=True, lsran_sine_pos=False),
-  "lsran_sine": dict(coord_conv=False, sine_pos=False, lsran_sine_pos=True),
-  "all": dict(coord_conv=True, sine_pos=True, lsran_sine_pos=True),
-}
+OPTIONS = position.OPTIONS
 
 
 def scenes(rng: np.random.Generator, batch: int, side: int):

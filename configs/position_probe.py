@@ -19,14 +19,9 @@ defaults, config_lib.base_config):
 """
 
 from jmceln_jax import config_lib
+from jmceln_jax.models import position
 
-OPTIONS = {
-  "none": dict(coord_conv=False, sine_pos=False, lsran_sine_pos=False),
-  "coord": dict(coord_conv=True, sine_pos=False, lsran_sine_pos=False),
-  "sine": dict(coord_conv=False, sine_pos=True, lsran_sine_pos=False),
-  "lsran_sine": dict(coord_conv=False, sine_pos=False, lsran_sine_pos=True),
-  "all": dict(coord_conv=True, sine_pos=True, lsran_sine_pos=True),
-}
+OPTIONS = position.OPTIONS
 
 
 def get_config(arg: str | None = None):

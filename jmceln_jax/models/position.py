@@ -16,6 +16,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+# The position switches by name, as the probes compare them: none, each
+# alone, all (model fields coord_conv, sine_pos, lsran_sine_pos).
+OPTIONS: dict[str, dict[str, bool]] = {
+  "none": dict(coord_conv=False, sine_pos=False, lsran_sine_pos=False),
+  "coord": dict(coord_conv=True, sine_pos=False, lsran_sine_pos=False),
+  "sine": dict(coord_conv=False, sine_pos=True, lsran_sine_pos=False),
+  "lsran_sine": dict(coord_conv=False, sine_pos=False, lsran_sine_pos=True),
+  "all": dict(coord_conv=True, sine_pos=True, lsran_sine_pos=True),
+}
+
 # DETR's wavelength base of the sine encodings.
 TEMPERATURE = 10000.0
 
