@@ -187,6 +187,7 @@ def test_gpu_kit_runs_every_step_in_tiny_mode(tmp_path):
     OUT=str(tmp_path / "out"),
     KIT_WORKDIR=str(tmp_path / "ablations"),
     PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    XLA_FLAGS="",  # one CPU device, as on the one-GPU machine
   )
   # The kit calls python3: make it this interpreter (a wrapper, not a
   # symlink, so that a virtual environment still finds its packages).
@@ -203,6 +204,8 @@ def test_gpu_kit_runs_every_step_in_tiny_mode(tmp_path):
     assert f"== {name}: exit 0" in log, log[-2000:]
     out = json.loads((tmp_path / "out" / f"{name}.json").read_text())
     assert out["settings"]["tiny"] is True and out["results"]
+  # The same variants as on the GPU: the baseline and the full model.
+  assert "=== full, seed 0" in log and "=== wo_pan" not in log
 
 
 def test_position_probe_tiny(tmp_path, capsys):
