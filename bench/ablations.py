@@ -32,8 +32,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench import common
-from jmceln_jax import config_lib, metrics, paths, trainer, writers
+from jmceln_jax import config_lib
 from jmceln_jax.data import datasets
+from jmceln_jax.evaluation import metrics
+from jmceln_jax.training import loop
+from jmceln_jax.utils import paths, writers
 
 # The paper's Table 2 (RefCOCO testB): mIoU, Pr@0.5, Pr@0.9 per variant.
 PAPER_TABLE2 = {
@@ -88,7 +91,7 @@ def train_one(
     config.seed = seed
     config.input.data_dir = data_dir
     start = time.perf_counter()
-    trainer.train_and_evaluate(config, run_dir)
+    loop.train_and_evaluate(config, run_dir)
     wall = time.perf_counter() - start
     writers.write_json(timing_path, {"wall_s": wall})
   with open(results_path, encoding="utf-8") as f:

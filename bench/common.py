@@ -86,9 +86,9 @@ def xla_flops(compiled: Any) -> float:
   """FLOPs of one device's program, from XLA's compiled cost analysis."""
   # Imported here: jmceln_jax.summary defines absl flags (--config, ...)
   # that bench.data's users must not inherit.
-  from jmceln_jax import summary
+  from jmceln_jax.training import costs
 
-  return summary.xla_cost(compiled, "flops")
+  return costs.xla_cost(compiled, "flops")
 
 
 def time_calls(

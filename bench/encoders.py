@@ -45,8 +45,11 @@ import jax
 import numpy as np
 
 from bench import common
-from jmceln_jax import config_lib, convert_clip, train_lib, xla_options
+from jmceln_jax import config_lib
+from jmceln_jax.convert import clip_weights
 from jmceln_jax.models import clip
+from jmceln_jax.ops import xla_options
+from jmceln_jax.training import steps
 
 _PACKAGES = (*common.JAX_PACKAGES, "torch", "clip-anytorch")
 _TINY = dict(
@@ -115,12 +118,12 @@ def jax_clip(
   """
   if torch_model is not None:
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    hparams, variables = convert_clip.convert_state_dict(state, seed=seed)
+    hparams, variables = clip_weights.convert_state_dict(state, seed=seed)
     model = clip.CLIP(**hparams)
     return model, jax.device_put(variables)
   model = clip.CLIP(**hparams)
   key = jax.random.key(seed)
-  dummy = train_lib.dummy_inputs(
+  dummy = steps.dummy_inputs(
     1, hparams["image_resolution"], hparams["context_length"]
   )
   init = jax.jit(model.init).lower(key, *dummy)

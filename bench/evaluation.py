@@ -7,9 +7,9 @@ pipeline's evaluation samples/s.
 generates the synthetic referring dataset (data_prep.synthetic converted by
 data_prep.refcoco, as the synthetic training run does) in a temporary
 directory, or uses a prepared --data_dir, and builds the model and a random
-state as the trainer does (`trainer.build_setup` + `trainer.initial_state`).
+state as the trainer does (`model_state.build_setup` + `model_state.initial_state`).
 Then it scores the split (default `input.val_split`) with
-`jmceln_jax.evaluation.Evaluator`, the validation and test path itself
+`jmceln_jax.evaluation.scoring.Evaluator`, the validation and test path itself
 (pipeline, jitted sharded evaluation step, I/U in both conventions, host
 accumulation): the first pass (compile included), then the median of
 --repeats passes, as expressions/s. Next to it, full passes of the input
@@ -33,8 +33,9 @@ import jax
 import ml_collections
 
 from bench import common
-from jmceln_jax import evaluation, summary, trainer
 from jmceln_jax.data import datasets, pipeline
+from jmceln_jax.evaluation import scoring
+from jmceln_jax.training import costs, model_state
 
 _PACKAGES = (*common.JAX_PACKAGES, "grain", "array-record")
 _CONFIGS = {
@@ -98,9 +99,11 @@ def measure(
     stats of a pass, "pipeline": the same for the pipeline alone,
     "expressions_per_s", "pipeline_samples_per_s"}.
   """
-  setup = trainer.build_setup(config, config.input.global_batch_size, devices)
-  state = trainer.initial_state(config, setup)
-  evaluator = evaluation.Evaluator(
+  setup = model_state.build_setup(
+    config, config.input.global_batch_size, devices
+  )
+  state = model_state.initial_state(config, setup)
+  evaluator = scoring.Evaluator(
     setup.model, setup.mesh, setup.state_shardings, config.input
   )
 
@@ -133,7 +136,7 @@ def measure(
 
 def run(args: argparse.Namespace, work_dir: str) -> dict[str, Any]:
   """Prepares the data (unless --data_dir) and measures; see module doc."""
-  devices = summary.select_devices(args.devices)
+  devices = costs.select_devices(args.devices)
   config = eval_config(args, len(devices))
   cfg = config.input
   split = args.split or cfg.val_split

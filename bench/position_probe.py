@@ -35,9 +35,10 @@ import numpy as np
 import optax
 
 from bench import common
-from jmceln_jax import losses, metrics
+from jmceln_jax.evaluation import metrics
 from jmceln_jax.models import position
 from jmceln_jax.models.jmceln import JMCELNDecoder
+from jmceln_jax.training import losses
 
 WORDS = {"horizontal": ("left", "middle", "right"), "vertical": (
   "top", "middle", "bottom")}  # fmt: skip

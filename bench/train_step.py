@@ -6,7 +6,7 @@ r"""The full JMCELN training step: speed, FLOPs, MFU, compile time, memory.
 For each compute dtype (`config.model.dtype`; parameters stay float32), and
 each --scan_layers setting when given (`--scan_layers true,false` compares
 scanned and unrolled CLIP blocks side by side), it runs the trainer's exact
-step (`trainer.build_setup` + `trainer.jit_train_step`: loss, gradients, the
+step (`trainer.build_setup` + `model_state.jit_train_step`: loss, gradients, the
 config's optimiser, mesh and sharding, donated state) from a random init on a
 random batch of --per_device_batch examples per device, and reports:
 
@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 
 from bench import common
-from jmceln_jax import sharding, summary, trainer
+from jmceln_jax.training import costs, model_state, sharding
 
 _PACKAGES = common.JAX_PACKAGES
 _MATMUL_WARMUP, _MATMUL_REPEATS = 1, 5
@@ -151,10 +151,10 @@ def measure_step(
     (all devices), "gflops_per_sample", "memory_gib": per device, "loss"
     (the last step's, a sanity check), "matmul": {"before", "after"}}.
   """
-  setup, step, seconds = summary.compile_train_step(config, devices)
-  cost = summary.train_step_cost(config, devices, (setup, step, seconds))
+  setup, step, seconds = costs.compile_train_step(config, devices)
+  cost = costs.train_step_cost(config, devices, (setup, step, seconds))
   global_batch = config.input.global_batch_size
-  state = trainer.initial_state(config, setup)
+  state = model_state.initial_state(config, setup)
   batch = sharding.host_to_global(
     random_batch(config, global_batch, seed), setup.mesh
   )
@@ -185,7 +185,7 @@ def measure_step(
 def run(args: argparse.Namespace) -> dict[str, Any]:
   """Measures the step for every setting, between two matmul peaks."""
   base = common.load_config(args.config)
-  devices = summary.select_devices(args.devices)
+  devices = costs.select_devices(args.devices)
   n = len(devices)
   global_batch = args.per_device_batch * n
   table = common.Table(

@@ -3,7 +3,7 @@
   python -m data_prep.inspect data/synthetic --split val --out grid.png
 
 Prints the numbers of refs, sentences and images, histograms of sentence
-length in words and (when jmceln_jax.text and its vocabulary are available) in
+length in words and (when jmceln_jax.data.tokenizer and its vocabulary are available) in
 CLIP tokens including SOT and EOT, and writes a PNG grid of random refs: the
 image with the mask overlaid (translucent fill and outline) and its sentences
 below.
@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from jmceln_jax import paths
 from jmceln_jax.data import records
+from jmceln_jax.utils import paths
 
 _OVERLAY = np.array([255, 40, 200], np.float32)  # Magenta: rare in photos.
 _ALPHA = 0.3  # Opacity of the overlay inside the mask.
@@ -32,9 +32,9 @@ _TEXT_LINE = 12  # Pixel height of one line of PIL's default font.
 def clip_token_lengths(sentences: Sequence[str]) -> np.ndarray | None:
   """CLIP BPE lengths (SOT/EOT included, at most 77), or None if unavailable."""
   try:
-    from jmceln_jax import text  # noqa: PLC0415 (optional dependency)
+    from jmceln_jax.data import tokenizer
 
-    tokens = np.asarray(text.tokenize(list(sentences), 77))
+    tokens = np.asarray(tokenizer.tokenize(list(sentences), 77))
   except (ImportError, OSError) as e:
     print(f"(no CLIP token lengths: {e})")
     return None

@@ -19,8 +19,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from data_prep import shards
-from jmceln_jax import paths
 from jmceln_jax.data import records
+from jmceln_jax.utils import paths
 
 # Canonical order of the refer splits; unknown split names follow, sorted.
 SPLIT_ORDER = ("train", "val", "test", "testA", "testB", "testC")

@@ -27,7 +27,7 @@ import tqdm
 from pycocotools import mask as mask_utils
 
 from data_prep import parallel, prepare, refer_io, shards
-from jmceln_jax import paths
+from jmceln_jax.utils import paths
 
 _REQUIRED_REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 # A polygon mask is out of bounds when less than this share of its area lies

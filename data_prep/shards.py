@@ -19,8 +19,8 @@ from typing import Any
 
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from jmceln_jax import writers
 from jmceln_jax.data import records
+from jmceln_jax.utils import writers
 
 # One record per chunk, so random access reads exactly one record.
 _WRITER_OPTIONS = "group_size:1"

@@ -51,7 +51,7 @@ from pycocotools import mask as mask_utils
 
 from data_prep import expressions, parallel, position_probe, scenes, shards
 from data_prep.expressions import ExpressionConfig
-from jmceln_jax import paths
+from jmceln_jax.utils import paths
 
 SPLITS = ("train", "val", "testA", "testB")
 EVAL_FRACTION = 0.08  # Of all images, for each of val, testA and testB.

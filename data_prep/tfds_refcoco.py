@@ -40,7 +40,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from data_prep import prepare, shards
-from jmceln_jax import paths
+from jmceln_jax.utils import paths
 
 SPLIT_NAMES = {"validation": "val"}  # tfds split -> refer split.
 # The builder configs of tfds's ref_coco (version 1.1.0).

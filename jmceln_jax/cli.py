@@ -14,14 +14,15 @@ from collections.abc import Iterator
 
 from absl import flags
 
-from jmceln_jax import checkpointing, config_lib
+from jmceln_jax import config_lib
+from jmceln_jax.training import checkpoints, model_state
 
 USER_ERRORS = (
   FileNotFoundError,
   FileExistsError,
   NotADirectoryError,
   IsADirectoryError,
-  checkpointing.MismatchError,
+  checkpoints.MismatchError,
   config_lib.ConfigError,
 )
 
@@ -75,14 +76,6 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
-CHECKPOINT_VALUES = "best, latest or a step number"
-
-
-def is_checkpoint(value: str) -> bool:
-  """Whether a --checkpoint value is best, latest or a step number."""
-  return value in ("best", "latest") or value.isdigit()
-
-
 def define_checkpoint_flag() -> None:
   """The absl --checkpoint flag of the programs that restore a run."""
   flags.DEFINE_string(
@@ -92,14 +85,16 @@ def define_checkpoint_flag() -> None:
     "or a step number.",
   )
   flags.register_validator(
-    "checkpoint", is_checkpoint, f"--checkpoint must be {CHECKPOINT_VALUES}."
+    "checkpoint",
+    model_state.is_checkpoint,
+    f"--checkpoint must be {model_state.CHECKPOINT_VALUES}.",
   )
 
 
 def checkpoint_arg(value: str) -> str:
   """argparse type of --checkpoint."""
-  if not is_checkpoint(value):
-    raise argparse.ArgumentTypeError(f"use {CHECKPOINT_VALUES}")
+  if not model_state.is_checkpoint(value):
+    raise argparse.ArgumentTypeError(f"use {model_state.CHECKPOINT_VALUES}")
   return value
 
 

@@ -24,7 +24,8 @@ Variants: --config configs/refcoco.py:wo_pan (see configs/refcoco.py).
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jmceln_jax import cli, trainer
+from jmceln_jax import cli
+from jmceln_jax.training import loop
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> None:
     # Orbax logs every checkpoint operation at INFO; --verbosity=0 shows it.
     logging.set_verbosity(logging.WARNING)
   with cli.user_errors():
-    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

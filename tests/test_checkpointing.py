@@ -5,7 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmceln_jax.checkpointing import Checkpointer, MismatchError, merge_params
+from jmceln_jax.training.checkpoints import (
+  Checkpointer,
+  MismatchError,
+  merge_params,
+)
 
 
 def _abstract(tree):

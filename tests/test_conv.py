@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmceln_jax.models import conv, stacking
+from jmceln_jax.ops import conv, stacking
 
 DN = ("NHWC", "HWIO", "NHWC")
 

@@ -17,7 +17,8 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-from jmceln_jax import checkpoint_io, convert_clip
+from jmceln_jax import convert_clip
+from jmceln_jax.convert import clip_weights, torch_pickle
 from jmceln_jax.models import clip
 
 torch = ref.torch
@@ -49,7 +50,7 @@ def _tree_equal(a, b) -> bool:
 def test_reader_matches_torch(tiny, name):
   _, directory, _ = tiny
   path = directory / name
-  state, fmt = checkpoint_io.load_state_dict(str(path))
+  state, fmt = torch_pickle.load_state_dict(str(path))
   if name == "fp16.pt":
     assert fmt == "torchscript"
     with warnings.catch_warnings():  # torch.jit.load is deprecated.
@@ -74,7 +75,7 @@ def test_formats_read_identically(tiny, tmp_path):
   torch.save(params, tmp_path / "params.pt")
   save_file(state, str(tmp_path / "model.safetensors"))
   for name in ("ddp.pt", "params.pt", "model.safetensors"):
-    loaded, _ = checkpoint_io.load_state_dict(str(tmp_path / name))
+    loaded, _ = torch_pickle.load_state_dict(str(tmp_path / name))
     assert loaded.keys() == state.keys(), name
     for key, value in state.items():
       np.testing.assert_array_equal(loaded[key], value, err_msg=key)
@@ -82,13 +83,13 @@ def test_formats_read_identically(tiny, tmp_path):
 
 def test_fp16_archive_upcasts_exactly(tiny):
   model, directory, _ = tiny
-  fp16_state, fmt = checkpoint_io.load_state_dict(str(directory / "fp16.pt"))
+  fp16_state, fmt = torch_pickle.load_state_dict(str(directory / "fp16.pt"))
   assert fmt == "torchscript"
   assert fp16_state["visual.conv1.weight"].dtype == np.float16
   # `model` was turned back to float32 after tracing: same values.
   float_state = {k: v.numpy() for k, v in model.state_dict().items()}
-  a, unknown = convert_clip.map_state_dict(fp16_state)
-  b, _ = convert_clip.map_state_dict(float_state)
+  a, unknown = clip_weights.map_state_dict(fp16_state)
+  b, _ = clip_weights.map_state_dict(float_state)
   assert not unknown and a.keys() == b.keys()
   for key, value in a.items():
     assert value.dtype == np.float32, key
@@ -107,7 +108,7 @@ def test_safetensors_round_trip(tmp_path):
   }
   path = str(tmp_path / "t.safetensors")
   save_file(tensors, path, metadata={"format": "np"})
-  got = checkpoint_io.read_safetensors(path)
+  got = torch_pickle.read_safetensors(path)
   assert got.keys() == tensors.keys()
   for key, value in tensors.items():
     assert got[key].dtype == value.dtype and got[key].shape == value.shape
@@ -116,8 +117,8 @@ def test_safetensors_round_trip(tmp_path):
     data = f.read()
   with open(path, "wb") as f:
     f.write(data[:-8])
-  with pytest.raises(checkpoint_io.CheckpointError, match="truncated"):
-    checkpoint_io.read_safetensors(path)
+  with pytest.raises(torch_pickle.CheckpointError, match="truncated"):
+    torch_pickle.read_safetensors(path)
 
 
 class _Evil:
@@ -142,9 +143,9 @@ def test_malicious_pickle_is_refused(tmp_path, func, protocol, name):
     data = pickle.dumps({"w": _Evil(func, command)}, protocol=protocol)
     z.writestr("evil/data.pkl", data)
   with pytest.raises(
-    checkpoint_io.CheckpointError, match=f"refusing to load global '{name}'"
+    torch_pickle.CheckpointError, match=f"refusing to load global '{name}'"
   ):
-    checkpoint_io.load_state_dict(str(archive))
+    torch_pickle.load_state_dict(str(archive))
   out = tmp_path / "out"
   assert _cli("--checkpoint", archive, "--out", out) == 1
   assert not marker.exists() and not out.exists()
@@ -155,16 +156,16 @@ def test_damaged_files_give_clear_errors(tiny, tmp_path):
   _, directory, _ = tiny
   data = (directory / "fp16.pt").read_bytes()
   (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
-  with pytest.raises(checkpoint_io.CheckpointError, match="truncated"):
-    checkpoint_io.load_state_dict(str(tmp_path / "truncated.pt"))
+  with pytest.raises(torch_pickle.CheckpointError, match="truncated"):
+    torch_pickle.load_state_dict(str(tmp_path / "truncated.pt"))
   legacy = io.BytesIO()
   torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
   (tmp_path / "legacy.pt").write_bytes(legacy.getvalue())
-  with pytest.raises(checkpoint_io.CheckpointError, match="legacy"):
-    checkpoint_io.load_state_dict(str(tmp_path / "legacy.pt"))
+  with pytest.raises(torch_pickle.CheckpointError, match="legacy"):
+    torch_pickle.load_state_dict(str(tmp_path / "legacy.pt"))
   (tmp_path / "junk.bin").write_bytes(b"not a checkpoint at all")
-  with pytest.raises(checkpoint_io.CheckpointError, match="unrecognised"):
-    checkpoint_io.load_state_dict(str(tmp_path / "junk.bin"))
+  with pytest.raises(torch_pickle.CheckpointError, match="unrecognised"):
+    torch_pickle.load_state_dict(str(tmp_path / "junk.bin"))
   out = tmp_path / "out"
   for name in ("truncated.pt", "legacy.pt", "junk.bin"):
     assert _cli("--checkpoint", tmp_path / name, "--out", out) == 1
@@ -188,8 +189,8 @@ def _vit_like(state: dict) -> dict:
 
 def test_key_mismatches_are_listed(tiny):
   _, _, state = tiny
-  with pytest.raises(convert_clip.ConversionError) as error:
-    convert_clip.convert_state_dict(_vit_like(state))
+  with pytest.raises(clip_weights.ConversionError) as error:
+    clip_weights.convert_state_dict(_vit_like(state))
   message = str(error.value)
   assert "ViT CLIP" in message
   assert "missing (" in message
@@ -199,8 +200,8 @@ def test_key_mismatches_are_listed(tiny):
   broken = dict(state, **{"extra.weight": np.zeros(3, np.float32)})
   broken["ln_final.bias"] = np.zeros(7, np.float32)
   del broken["visual.layer4.0.bn2.running_var"]
-  with pytest.raises(convert_clip.ConversionError) as error:
-    convert_clip.convert_state_dict(broken)
+  with pytest.raises(clip_weights.ConversionError) as error:
+    clip_weights.convert_state_dict(broken)
   message = str(error.value)
   assert "extra.weight" in message
   assert "params/text/ln_final/bias: checkpoint (7,), model (64,)" in message
@@ -225,7 +226,7 @@ def test_cli_output_and_overwrite(tiny, tmp_path):
   }
   flax_model, variables = clip.load_clip(str(out))
   assert flax_model.vision_layers == ref.TINY["vision_layers"]
-  _, expected = convert_clip.convert_state_dict(state, seed=1)
+  _, expected = clip_weights.convert_state_dict(state, seed=1)
   assert _tree_equal(variables, expected)
   before = (out / "clip_config.json").read_bytes()
   # Refused without --overwrite; a failed conversion keeps the old output.
@@ -242,7 +243,7 @@ def test_cli_output_and_overwrite(tiny, tmp_path):
   connect = ("params", "visual", "attnpool", "connect", "0", "kernel")
   flat, new = (traverse_util.flatten_dict(v) for v in (variables, reseeded))
   assert not np.array_equal(flat[connect], new[connect])
-  unseeded = [k for k in flat if k[1:4] != convert_clip.NEW_PREFIX]
+  unseeded = [k for k in flat if k[1:4] != clip_weights.NEW_PREFIX]
   assert all(np.array_equal(flat[k], new[k]) for k in unseeded)
   assert sorted(os.listdir(tmp_path)) == ["bad.pt", "clip"]
 

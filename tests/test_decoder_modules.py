@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from jmceln_jax.models import blocks, layers, lsran
+from jmceln_jax.models import layers, lsran
 from jmceln_jax.models.cascade import Cascade, CascadeStage
 from jmceln_jax.models.head import Head
 from jmceln_jax.models.neck import Neck
@@ -105,7 +105,7 @@ def test_attention_matches_torch_with_key_padding_mask():
   pad = np.zeros((B, tk), bool)
   pad[0, -3:] = True
   mask = jnp.asarray(~pad)[:, None, None, :]
-  module = blocks.MultiHeadAttention(heads)
+  module = layers.MultiHeadAttention(heads)
   params = _init(module, query, kv, kv)[1]["params"]
   out = _apply(module, {"params": params}, query, kv, kv, mask=mask)
 
@@ -162,13 +162,13 @@ def test_attention_core_matches_jax_nn(dtype):
 def test_attention_bfloat16_keeps_float32_softmax():
   heads = 4
   x = _normal(7, (B, 6, C))
-  module = blocks.MultiHeadAttention(heads, dtype=jnp.bfloat16)
+  module = layers.MultiHeadAttention(heads, dtype=jnp.bfloat16)
   params = _init(module, x, x, x)[1]
   chex.assert_trees_all_equal_dtypes(
     params, jax.tree.map(lambda a: a.astype(jnp.float32), params)
   )
   out = _apply(module, params, x, x, x)
-  ref = _apply(blocks.MultiHeadAttention(heads), params, x, x, x)
+  ref = _apply(layers.MultiHeadAttention(heads), params, x, x, x)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=0.1, rtol=0.1)
 

@@ -28,17 +28,11 @@ from flax_test_utils import ynnpack_ops
 from PIL import Image
 
 from configs import tiny
-from jmceln_jax import (
-  checkpointing,
-  demo,
-  evaluate,
-  evaluation,
-  export,
-  metrics,
-  predict,
-  trainer,
-)
+from jmceln_jax import predict
 from jmceln_jax.data import datasets, records
+from jmceln_jax.evaluation import metrics, offline, scoring
+from jmceln_jax.serving import inference, stablehlo, web
+from jmceln_jax.training import checkpoints, model_state
 
 pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
 
@@ -84,14 +78,14 @@ def workdir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("run"))
   config = tiny.get_config()
   datasets.resolve_data_dir(config, path)
-  setup = trainer.build_setup(config, num_train_refs=1)
+  setup = model_state.build_setup(config, num_train_refs=1)
   state = _random_state(setup.abstract_state)  # Host arrays save fastest.
-  ckpt = checkpointing.Checkpointer(
+  ckpt = checkpoints.Checkpointer(
     os.path.join(path, "checkpoints"),
-    best_metric=trainer.BEST_METRIC,
+    best_metric=model_state.BEST_METRIC,
     async_save=False,
   )
-  ckpt.save(3, state, {"train": {}}, metrics={trainer.BEST_METRIC: 1.0})
+  ckpt.save(3, state, {"train": {}}, metrics={model_state.BEST_METRIC: 1.0})
   ckpt.close()
   with open(os.path.join(path, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -119,7 +113,7 @@ def evaluated(workdir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(workdir):
-  return predict.Predictor.from_workdir(workdir)
+  return inference.Predictor.from_workdir(workdir)
 
 
 def _records(workdir, split):
@@ -173,12 +167,10 @@ def test_evaluate_saved_masks_recompute_metrics(workdir, evaluated, split):
     want = metrics.summarize(
       np.array(inter)[keep], np.array(union)[keep], "original"
     )
-    assert got == {
-      c: want[c] for c in ("expressions", *evaluation.KIND_COLUMNS)
-    }
+    assert got == {c: want[c] for c in ("expressions", *scoring.KIND_COLUMNS)}
     row = re.search(rf"^{split}\s+{kind}\s+(.*)$", stdout, re.M).group(1)
     assert row.split() == [str(got["expressions"])] + [
-      f"{got[c]:.2f}" for c in evaluation.KIND_COLUMNS
+      f"{got[c]:.2f}" for c in scoring.KIND_COLUMNS
     ]
   assert os.path.isfile(
     os.path.join(workdir, "eval", f"{split}-3-examples.png")
@@ -196,9 +188,9 @@ def test_evaluate_prints_table1_row(evaluated):
 
 
 def test_evaluate_warns_of_another_image_size(workdir):
-  config = predict.load_config(workdir).copy_and_resolve_references()
+  config = model_state.load_config(workdir).copy_and_resolve_references()
   config.input.image_size = 96
-  out = evaluate.evaluate_workdir(
+  out = offline.evaluate_workdir(
     workdir, config=config, splits=["val"], num_examples=0, progress=False
   )
   assert len(out["warnings"]) == 1
@@ -227,7 +219,7 @@ def test_table1_row_next_to_paper():
     {"split": s, "original": {"mIoU": v}}
     for s, v in (("val", 1.5), ("testB", 2))
   ]
-  lines = evaluation.table1(results, "RefCOCO+").splitlines()
+  lines = scoring.table1(results, "RefCOCO+").splitlines()
   assert "RefCOCO+" in lines[0] and '"original"' in lines[0]
   assert lines[1].split() == ["val", "testA", "testB"]
   assert lines[2].split() == ["this", "run", "1.50", "-", "2.00"]
@@ -285,20 +277,20 @@ def test_predict_cli_writes_pngs(workdir, tmp_path, capsys):
 def test_clear_errors(workdir, tmp_path):
   missing = str(tmp_path / "nope")
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    evaluate.evaluate_workdir(missing)
+    offline.evaluate_workdir(missing)
   with pytest.raises(SystemExit, match="Workdir .* does not exist"):
     predict.main(["--workdir", missing, "--image", "x.png", "--text", "a",
                   "--out", "o.png"])  # fmt: skip
   with pytest.raises(FileNotFoundError, match="No prepared split 'testC'"):
-    evaluate.evaluate_workdir(workdir, splits=["testC"])
+    offline.evaluate_workdir(workdir, splits=["testC"])
   empty = tmp_path / "empty"
   empty.mkdir()
-  config = predict.load_config(workdir).copy_and_resolve_references()
+  config = model_state.load_config(workdir).copy_and_resolve_references()
   config.input.data_dir = os.path.join(workdir, "data/prepared")
   with pytest.raises(FileNotFoundError, match="No checkpoints in"):
-    evaluate.evaluate_workdir(str(empty), config=config, splits=["val"])
+    offline.evaluate_workdir(str(empty), config=config, splits=["val"])
   with pytest.raises(FileNotFoundError, match="No checkpoint at step 7"):
-    predict.restore_state(workdir, None, checkpoint=7)
+    model_state.restore_state(workdir, None, checkpoint=7)
 
 
 _STANDALONE = """
@@ -315,7 +307,7 @@ assert not loaded, loaded
 def test_export_runs_without_the_project_and_matches_predictor(
   predictor, tmp_path
 ):
-  out = export.write(str(tmp_path / "exported"), predictor)
+  out = stablehlo.write(str(tmp_path / "exported"), predictor)
   with open(os.path.join(out, "model.stablehlo"), "rb") as f:
     function = jax.export.deserialize(bytearray(f.read()))
   assert function.platforms == ("cpu", "cuda")
@@ -337,7 +329,7 @@ def test_export_runs_without_the_project_and_matches_predictor(
   np.testing.assert_array_equal(masks, predictor(image, sentences))
   assert 0 < masks.mean() < 1
   with pytest.raises(FileExistsError, match="exists"):
-    export.write(out, predictor)
+    stablehlo.write(out, predictor)
 
 
 def _http(url, body=None):
@@ -352,7 +344,7 @@ def _http(url, body=None):
 
 
 def test_web_demo_serves_predictors_masks(workdir, predictor, tmp_path):
-  httpd = demo.serve(workdir, port=0)
+  httpd = web.serve(workdir, port=0)
   threading.Thread(target=httpd.serve_forever, daemon=True).start()
   url = f"http://127.0.0.1:{httpd.server_address[1]}"
   try:

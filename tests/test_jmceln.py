@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from flax_test_utils import TINY_CLIP
 
-from jmceln_jax import config_lib, losses
+from jmceln_jax import config_lib
 from jmceln_jax.models.jmceln import JMCELNDecoder, build_model
+from jmceln_jax.training import losses
 
 pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from jmceln_jax import losses
+from jmceln_jax.training import losses
 
 RNG = np.random.default_rng(0)
 LOGITS = RNG.normal(size=(3, 4, 5, 2)).astype(np.float32)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from jmceln_jax import evaluation, metrics
-from jmceln_jax import preprocess as pp
+from jmceln_jax.data import preprocess as pp
+from jmceln_jax.evaluation import metrics, scoring
 
 # Per expression: perfect, empty GT and prediction (U=0), empty prediction,
 # partial 3/4, exactly 1/2, exactly 6/10.
@@ -44,7 +44,7 @@ def test_by_kind_hand_computed():
   order = np.array([3, 0, 5, 1, 4, 2])
   per = {"index": order, "original_i": INTER[order], "original_u": UNION[order]}
   kinds = ["colour", "colour", "size", "size", "", "colour"]
-  got = evaluation.by_kind(per, kinds)
+  got = scoring.by_kind(per, kinds)
   assert list(got) == ["", "colour", "size"]
   assert got["colour"]["expressions"] == 3
   assert got["colour"]["mIoU"] == pytest.approx(100 * (1 + 0 + 0.6) / 3)
@@ -52,7 +52,7 @@ def test_by_kind_hand_computed():
   assert got["colour"]["Pr@0.5"] == pytest.approx(100 * 2 / 3)
   assert got["size"]["mIoU"] == pytest.approx(100 * 0.75 / 2)
   assert got[""] == {"expressions": 1, "mIoU": 50.0, "oIoU": 50.0, "Pr@0.5": 0}
-  table = evaluation.format_by_kind({"val": got}).splitlines()
+  table = scoring.format_by_kind({"val": got}).splitlines()
   assert table[0].split() == [
     "split",
     "kind",

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmceln_jax import config_lib, optim
+from jmceln_jax import config_lib
+from jmceln_jax.training import optim
 
 
 def _cfg(**kw):

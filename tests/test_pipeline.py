@@ -14,8 +14,13 @@ from pycocotools import mask as mask_utils
 
 from bench import data as bench_data
 from data_prep import refcoco, refer_io, shards, synthetic
-from jmceln_jax import preprocess, text
-from jmceln_jax.data import augmentation, pipeline, records
+from jmceln_jax.data import (
+  augmentation,
+  pipeline,
+  preprocess,
+  records,
+  tokenizer,
+)
 
 NAME = "syn"
 S = 32  # Training image side.
@@ -179,7 +184,7 @@ def test_eval_fields_match_the_sources(data):
     assert wrong.mean() < 0.02 and not (wrong & ~_near_border(mask)).any()
     sentence = rec["sentences"][int(b["sent_idx"][row])]
     np.testing.assert_array_equal(
-      b["tokens"][row], text.tokenize(sentence, L)[0]
+      b["tokens"][row], tokenizer.tokenize(sentence, L)[0]
     )
     pixels = preprocess.load_image(
       os.path.join(raw, "images", image["file_name"])
@@ -258,10 +263,12 @@ def test_train_augmentation(data):
     sentence = next(
       s
       for s in rec["sentences"]
-      if np.array_equal(text.tokenize(s, L)[0], plain["tokens"][row])
+      if np.array_equal(tokenizer.tokenize(s, L)[0], plain["tokens"][row])
     )
     want = augmentation.mirror_sentence(sentence) if flip else sentence
-    np.testing.assert_array_equal(aug["tokens"][row], text.tokenize(want, L)[0])
+    np.testing.assert_array_equal(
+      aug["tokens"][row], tokenizer.tokenize(want, L)[0]
+    )
     flips.append(flip)
     mirrored.append(flip and want != sentence)
   assert 0 < sum(flips) < len(flips) and any(mirrored)
@@ -272,7 +279,7 @@ def test_flip_mirrors_left_and_right(data):
   _, prepared = data
   rec = next(records.iter_records(prepared, "train"))
   pixels, mask = preprocess.load_image(rec["image"]), records.decode_mask(rec)
-  example = pipeline.Example(S, L, text.resolve_vocab(None))
+  example = pipeline.Example(S, L, tokenizer.resolve_vocab(None))
   flips = set()
   for seed in range(6):
     for sentence, mirrored in (
@@ -284,7 +291,9 @@ def test_flip_mirrors_left_and_right(data):
       (flip,) = _which_flip(out["image"], out["target"], pixels, mask, box)
       assert not (flip and mirrored is None)
       want = mirrored if flip else sentence
-      np.testing.assert_array_equal(out["tokens"], text.tokenize(want, L)[0])
+      np.testing.assert_array_equal(
+        out["tokens"], tokenizer.tokenize(want, L)[0]
+      )
       flips.add(flip)
   assert flips == {False, True}
   with pytest.raises(ValueError, match="letterbox is for a"):
@@ -341,7 +350,7 @@ def test_each_epoch_visits_every_ref_once(data):
   assert len({tuple(e) for e in ref_ids.tolist()}) == epochs  # Reshuffled.
   choices = {}
   for ref_id, tokens in zip(b["ref_id"].tolist(), b["tokens"], strict=True):
-    options = text.tokenize(recs[ref_id]["sentences"], L)
+    options = tokenizer.tokenize(recs[ref_id]["sentences"], L)
     matches = np.flatnonzero((options == tokens).all(axis=1))
     assert len(matches) >= 1, ref_id
     choices.setdefault(ref_id, set()).add(int(matches[0]))
@@ -376,7 +385,9 @@ def test_shuffle_sentences(data):
   sentences = [r["sentences"] for r in records.iter_records(prepared, "testA")]
   n = len(index)
   donors = [sentences[r][s] for _, r, s in shuffled]
-  np.testing.assert_array_equal(mixed["tokens"][:n], text.tokenize(donors, L))
+  np.testing.assert_array_equal(
+    mixed["tokens"][:n], tokenizer.tokenize(donors, L)
+  )
   np.testing.assert_array_equal(mixed["sent_idx"][:n], shuffled[:, 2])
 
 

@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmceln_jax import checkpointing, config_lib, trainer
+from jmceln_jax import config_lib
 from jmceln_jax.models import position
 from jmceln_jax.models.cascade import Cascade, mean_cosine
 from jmceln_jax.models.jmceln import JMCELNDecoder
 from jmceln_jax.models.lsran import WindowAttention
+from jmceln_jax.training import checkpoints, model_state
 
 
 def test_coordinates_span_the_map():
@@ -139,14 +140,14 @@ def test_checkpoint_from_before_the_position_options_is_refused(tmp_path):
   old, new = config.copy_and_resolve_references(), config
   old.model.coord_conv = False
   new.model.coord_conv = True
-  before = trainer.build_setup(old, num_train_refs=1).abstract_state
-  after = trainer.build_setup(new, num_train_refs=1).abstract_state
+  before = model_state.build_setup(old, num_train_refs=1).abstract_state
+  after = model_state.build_setup(new, num_train_refs=1).abstract_state
   zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), before)
-  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  ckpt = checkpoints.Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(1, zeros, {})
   ckpt.close()
-  reader = checkpointing.Checkpointer(str(tmp_path), read_only=True)
-  with pytest.raises(checkpointing.MismatchError, match="neck/coord"):
+  reader = checkpoints.Checkpointer(str(tmp_path), read_only=True)
+  with pytest.raises(checkpoints.MismatchError, match="neck/coord"):
     reader.restore(1, after)
   reader.close()
 

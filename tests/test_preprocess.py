@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jmceln_jax import preprocess as pp
+from jmceln_jax.data import preprocess as pp
 
 # (h, w, S): landscape, portrait, square, odd sizes; down- and upsampling.
 SHAPES = [(37, 53, 32), (53, 37, 32), (41, 41, 32), (23, 30, 64), (31, 17, 64)]

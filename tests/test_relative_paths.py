@@ -16,7 +16,8 @@ import pytest
 import train_utils as tu
 from PIL import Image
 
-from jmceln_jax import paths, predict
+from jmceln_jax import predict
+from jmceln_jax.utils import paths
 
 pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from jmceln_jax import resize
+from jmceln_jax.ops import resize
 
 SIZES = [
   ((7, 7), (13, 13)),  # Upsampling, odd ratio.

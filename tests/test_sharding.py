@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jmceln_jax import sharding
+from jmceln_jax.training import sharding
 
 
 def _mesh(data, fsdp):

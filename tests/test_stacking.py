@@ -1,4 +1,4 @@
-"""Scanned runs of identical blocks (models/stacking.py): same values,
+"""Scanned runs of identical blocks (ops/stacking.py): same values,
 gradients and batch statistics as the unrolled blocks, layouts convertible
 both ways, every iteration counted under unrolled_loops."""
 
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from jmceln_jax import config_lib
-from jmceln_jax.models import clip_resnet, stacking
+from jmceln_jax.models import clip_resnet
 from jmceln_jax.models.clip import CLIP
+from jmceln_jax.ops import stacking
 
 pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
 

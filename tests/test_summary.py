@@ -8,8 +8,10 @@ import jax
 import pytest
 from flax_test_utils import ynnpack_ops
 
-from jmceln_jax import config_lib, sharding, summary, trainer
-from jmceln_jax.models import jmceln, stacking
+from jmceln_jax import config_lib
+from jmceln_jax.models import jmceln
+from jmceln_jax.ops import stacking
+from jmceln_jax.training import costs, model_state, sharding
 
 pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
 
@@ -25,8 +27,8 @@ def _tiny_config(variant="full"):
 def test_param_counts_group_and_order():
   config = _tiny_config()
   model = jmceln.build_model(config.model)
-  params = summary.abstract_variables(model, config)["params"]
-  counts = summary.param_counts(params)
+  params = costs.abstract_model_variables(model, config)["params"]
+  counts = costs.param_counts(params)
   assert list(counts) == [
     "clip/visual",
     "clip/text",
@@ -39,7 +41,7 @@ def test_param_counts_group_and_order():
   assert counts["cascade"] == sum(
     x.size for x in jax.tree.leaves(params["cascade"])
   )
-  deeper = summary.param_counts(params, depth=2)
+  deeper = costs.param_counts(params, depth=2)
   # Parameters held directly by a module (query_embed) stay with it.
   assert {"cascade", "cascade/stage_1", "cascade/stage_0"} <= set(deeper)
   assert sum(deeper.values()) == sum(counts.values())
@@ -51,30 +53,30 @@ def _nbytes(tree):
 
 def test_train_step_cost_compiles_the_trainer_step():
   config = _tiny_config("baseline")
-  devices = summary.select_devices(2)
-  cost = summary.train_step_cost(config, devices)
+  devices = costs.select_devices(2)
+  cost = costs.train_step_cost(config, devices)
   with stacking.unrolled_loops():
-    compiled = summary.compile_train_step(config, devices[:1])[1]
+    compiled = costs.compile_train_step(config, devices[:1])[1]
   # Lowered (all devices) = compiled for one device, loops unrolled in both.
   assert cost["GFLOPs per step"] == pytest.approx(
-    summary.xla_cost(compiled, "flops") / 1e9, rel=0.05
+    costs.xla_cost(compiled, "flops") / 1e9, rel=0.05
   )
   # float32 on the CPU: compiled with xla_options.for_dtype.
   assert " convolution(" in compiled.as_text()
   assert "convolution" not in ynnpack_ops(compiled.as_text())
-  state = trainer.build_setup(config, 4, devices).abstract_state
-  batch = summary.abstract_batch(config.input.global_batch_size, config)
+  state = model_state.build_setup(config, 4, devices).abstract_state
+  batch = costs.abstract_batch(config.input.global_batch_size, config)
   # Per device: the whole (replicated) state, donated, and half the batch.
-  assert cost["aliased (GiB)"] * summary.GIB == _nbytes(state)
-  assert cost["arguments (GiB)"] * summary.GIB == (
+  assert cost["aliased (GiB)"] * costs.GIB == _nbytes(state)
+  assert cost["arguments (GiB)"] * costs.GIB == (
     _nbytes(state) + _nbytes(batch) // 2
   )
   assert batch["image"].dtype == "uint8" and batch["target"].dtype == "uint8"
   assert cost["GFLOPs per step"] == pytest.approx(4 * cost["GFLOPs per image"])
   assert cost["GFLOPs per image"] > 0 and cost["compile time (s)"] > 0
-  assert summary.select_devices(None) == jax.devices()
+  assert costs.select_devices(None) == jax.devices()
   with pytest.raises(ValueError, match="--devices=99, but 8 cpu"):
-    summary.select_devices(99)
+    costs.select_devices(99)
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
@@ -82,9 +84,9 @@ def test_train_step_lowers_for_accelerators(platform):
   """The trainer's sharded step of the full model lowers for a GPU or TPU on
   this CPU-only machine, without the CPU's convolution-gradient loops."""
   config = _tiny_config()
-  setup = trainer.build_setup(config, 4, summary.select_devices(2))
-  batch = summary.abstract_batch(4, config, sharding.batch_sharding(setup.mesh))
-  step = trainer.jit_train_step(config, setup).trace(
+  setup = model_state.build_setup(config, 4, costs.select_devices(2))
+  batch = costs.abstract_batch(4, config, sharding.batch_sharding(setup.mesh))
+  step = model_state.jit_train_step(config, setup).trace(
     setup.abstract_state, batch
   )
   loops = {
@@ -96,15 +98,15 @@ def test_train_step_lowers_for_accelerators(platform):
 
 
 def test_summarize_without_training_step():
-  report = summary.summarize(_tiny_config("baseline"), train_memory=False)
+  report = costs.summarize(_tiny_config("baseline"), train_memory=False)
   assert report.startswith("Parameters (M) at 32x32")
   title = "Forward pass, 1 image, eval"
   assert f"{title}\n{'-' * len(title)}\nGFLOPs" in report
   assert "Training step" not in report
 
 
-def test_format_table():
-  table = summary.format_table("T", {"a": 1.5, "long name": 20.0}, "6.1f")
+def test_two_column_table():
+  table = costs.two_column_table("T", {"a": 1.5, "long name": 20.0}, "6.1f")
   assert table.splitlines() == [
     "T",
     "-",

@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
-from jmceln_jax import text
+from jmceln_jax.data import tokenizer
 
 _WORDS = "the man on the left wearing a red shirt next to the small dog".split()
 
@@ -39,7 +39,7 @@ SENTENCES = [
 
 def _reference():
   """OpenAI's SimpleTokenizer from the installed clip package, by file path."""
-  path = text.default_vocab_path()
+  path = tokenizer.default_vocab_path()
   if path is None:
     pytest.skip("clip-anytorch is not installed (pip install --no-deps ...).")
   file = os.path.join(os.path.dirname(path), "simple_tokenizer.py")
@@ -58,17 +58,17 @@ def _openai_tokenize(ref, texts, length):
   """clip.tokenize(texts, length, truncate=True), torch-free."""
   out = np.zeros((len(texts), length), np.int64)
   for row, t in zip(out, texts, strict=True):
-    ids = [text.SOT_ID, *ref.encode(t), text.EOT_ID]
+    ids = [tokenizer.SOT_ID, *ref.encode(t), tokenizer.EOT_ID]
     if len(ids) > length:
       ids = ids[:length]
-      ids[-1] = text.EOT_ID
+      ids[-1] = tokenizer.EOT_ID
     row[: len(ids)] = ids
   return out
 
 
 @pytest.mark.parametrize("length", [77, 30, 3])
 def test_matches_openai(reference, length):
-  got = text.tokenize(SENTENCES, length)
+  got = tokenizer.tokenize(SENTENCES, length)
   assert got.dtype == np.int32 and got.shape == (len(SENTENCES), length)
   want = _openai_tokenize(reference, SENTENCES, length)
   for t, g, w in zip(SENTENCES, got, want, strict=True):
@@ -76,12 +76,18 @@ def test_matches_openai(reference, length):
 
 
 def test_layout():
-  ids = text.tokenize(["", "a photo of a cat", "word " * 100], 10)
-  np.testing.assert_array_equal(ids[0, :3], [text.SOT_ID, text.EOT_ID, 0])
-  assert ids[1, 0] == text.SOT_ID and (ids[1] == text.EOT_ID).sum() == 1
+  ids = tokenizer.tokenize(["", "a photo of a cat", "word " * 100], 10)
+  np.testing.assert_array_equal(
+    ids[0, :3], [tokenizer.SOT_ID, tokenizer.EOT_ID, 0]
+  )
+  assert (
+    ids[1, 0] == tokenizer.SOT_ID and (ids[1] == tokenizer.EOT_ID).sum() == 1
+  )
   assert ids[1, -1] == 0  # Zero padding.
-  assert ids[2, -1] == text.EOT_ID and (ids[2] != 0).all()  # Truncated.
-  np.testing.assert_array_equal(text.tokenize("a photo of a cat", 10), ids[1:2])
+  assert ids[2, -1] == tokenizer.EOT_ID and (ids[2] != 0).all()  # Truncated.
+  np.testing.assert_array_equal(
+    tokenizer.tokenize("a photo of a cat", 10), ids[1:2]
+  )
 
 
 def test_hugging_face_vocab_dir(tmp_path, reference):
@@ -92,37 +98,39 @@ def test_hugging_face_vocab_dir(tmp_path, reference):
   lines = ["#version: 0.2", *(" ".join(m) for m in merges), ""]
   (tmp_path / "merges.txt").write_text("\n".join(lines), encoding="utf-8")
   np.testing.assert_array_equal(
-    text.tokenize(SENTENCES, 77, vocab=str(tmp_path)),
-    text.tokenize(SENTENCES, 77),
+    tokenizer.tokenize(SENTENCES, 77, vocab=str(tmp_path)),
+    tokenizer.tokenize(SENTENCES, 77),
   )
 
 
 def test_gz_path_and_bad_vocab(tmp_path):
-  path = text.resolve_vocab()
+  path = tokenizer.resolve_vocab()
   np.testing.assert_array_equal(
-    text.tokenize("a red car", vocab=path), text.tokenize("a red car")
+    tokenizer.tokenize("a red car", vocab=path), tokenizer.tokenize("a red car")
   )
   with pytest.raises(FileNotFoundError, match="vocab.json"):
-    text.tokenize("x", vocab=str(tmp_path))
+    tokenizer.tokenize("x", vocab=str(tmp_path))
   bad = tmp_path / "bad.txt.gz"
   with gzip.open(bad, "wt") as f:
     f.write("#version\na b\n")
   with pytest.raises(ValueError, match="not the CLIP BPE"):
-    text.tokenize("x", vocab=str(bad))
+    tokenizer.tokenize("x", vocab=str(bad))
   with pytest.raises(ValueError, match="context_length"):
-    text.tokenize("x", 1)
+    tokenizer.tokenize("x", 1)
 
 
 def test_missing_vocab_message(monkeypatch):
-  monkeypatch.setattr(text, "default_vocab_path", lambda: None)
+  monkeypatch.setattr(tokenizer, "default_vocab_path", lambda: None)
   with pytest.raises(FileNotFoundError, match="clip-anytorch==2.6.0"):
-    text.resolve_vocab()
+    tokenizer.resolve_vocab()
   with pytest.raises(FileNotFoundError, match="input.vocab"):
-    text.Tokenizer(30)
+    tokenizer.Tokenizer(30)
 
 
 def test_tokenizer_is_picklable():
-  tok = text.Tokenizer(30)
+  tok = tokenizer.Tokenizer(30)
   clone = pickle.loads(pickle.dumps(tok))
   assert clone.vocab == tok.vocab
-  np.testing.assert_array_equal(clone(SENTENCES), text.tokenize(SENTENCES, 30))
+  np.testing.assert_array_equal(
+    clone(SENTENCES), tokenizer.tokenize(SENTENCES, 30)
+  )

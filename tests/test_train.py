@@ -21,16 +21,11 @@ import train_utils as tu
 from flax import traverse_util
 from PIL import Image
 
-from jmceln_jax import (
-  checkpointing,
-  config_lib,
-  sharding,
-  train_lib,
-  trainer,
-  writers,
-)
+from jmceln_jax import config_lib
 from jmceln_jax.models import clip as clip_lib
-from jmceln_jax.models import stacking
+from jmceln_jax.ops import stacking
+from jmceln_jax.training import checkpoints, loop, model_state, sharding, steps
+from jmceln_jax.utils import writers
 
 pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
 
@@ -74,7 +69,7 @@ def test_run_writes_every_artifact(straight, setup):
   assert _checkpoint_steps(straight) == sorted({3, 6, *evals})
   records = writers.read_metrics(f"{straight}/metrics.jsonl")
   assert sorted(_train_losses(straight)) == list(range(1, 9))
-  assert [r["step"] for r in records if trainer.BEST_METRIC in r] == evals
+  assert [r["step"] for r in records if model_state.BEST_METRIC in r] == evals
   (events,) = glob.glob(f"{straight}/tensorboard/events.out.tfevents.*")
   with open(events, "rb") as f:  # Scalars and the validation previews.
     data = f.read()
@@ -114,7 +109,7 @@ def test_resume_is_bitwise_exact(straight, data_dir, setup, tmp_path):
   workdir = str(tmp_path)
   tu.copy_checkpoint(straight, 3, workdir)
   with tu.count_compiles() as counts:
-    trainer.train_and_evaluate(tu.make_config(data_dir), workdir)
+    loop.train_and_evaluate(tu.make_config(data_dir), workdir)
   assert counts["train_step"] == 1
   assert _checkpoint_steps(workdir) == _checkpoint_steps(straight)
   for step in _checkpoint_steps(straight):
@@ -143,26 +138,26 @@ def _corrupt_adam(state):
 def test_divergence_stops_before_saving(straight, data_dir, setup, tmp_path):
   state, data = tu.restore(straight, 3, setup)
   ckpt_dir = str(tmp_path / "checkpoints")
-  ckpt = checkpointing.Checkpointer(ckpt_dir, async_save=False)
+  ckpt = checkpoints.Checkpointer(ckpt_dir, async_save=False)
   ckpt.save(3, _corrupt_adam(state), data)
   ckpt.close()
   with pytest.raises(FloatingPointError, match=r"diverged at step 4 .*nan"):
-    trainer.train_and_evaluate(tu.make_config(data_dir), str(tmp_path))
-  ckpt = checkpointing.Checkpointer(ckpt_dir, read_only=True)
+    loop.train_and_evaluate(tu.make_config(data_dir), str(tmp_path))
+  ckpt = checkpoints.Checkpointer(ckpt_dir, read_only=True)
   assert ckpt.all_steps() == [3]
 
 
 def test_small_eval_canvas_is_refused_before_training(data_dir, tmp_path):
   config = tu.make_config(data_dir, **{"input.max_eval_size": 64})
   with pytest.raises(config_lib.ConfigError, match=r"max_eval_size=\d+\.$"):
-    trainer.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints")
 
 
 def test_non_finite_loss_names_its_step(tmp_path):
-  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  ckpt = checkpoints.Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(7, {"w": np.zeros(2)}, {})
-  pending = trainer._Pending(str(tmp_path), ckpt)
+  pending = loop._Pending(str(tmp_path), ckpt)
   for step, loss in ((8, 0.5), (9, np.inf), (10, np.nan)):
     pending.add(step, {"loss": np.float32(loss), "param_norm": np.float32(1)})
   with pytest.raises(FloatingPointError, match=r"step 9 \(loss inf.*step 7"):
@@ -177,7 +172,7 @@ def _steps_on_mesh(config, devices, init, batches):
     partition specs of the state).
   """
   setup = tu.setup_for(config, devices)
-  step = trainer.jit_train_step(config, setup)
+  step = model_state.jit_train_step(config, setup)
   state = jax.device_put(init, setup.state_shardings)
   metrics = []
   for batch in batches:
@@ -200,7 +195,7 @@ def test_device_count_and_fsdp_do_not_change_training(
   of up to +-lr, so later steps agree to 2e-4 and the parameters to
   2 * lr * steps."""
   config = tu.make_config(data_dir)
-  init = jax.device_get(trainer.initial_state(config, setup))
+  init = jax.device_get(model_state.initial_state(config, setup))
   batches = tu.train_batches(config, 3)
   devices = jax.devices()
   ref, ref_m, ref_stats, _ = _steps_on_mesh(config, devices, init, batches)
@@ -274,24 +269,24 @@ def test_clip_weights_merge_strictly(straight, data_dir, setup, tmp_path):
   clip = {k: stacking.match_layout(v, unrolled[k]) for k, v in scanned.items()}
   chex.assert_trees_all_equal_shapes(clip["params"], unrolled["params"])
   good = _write_clip(tmp_path / "good", clip, hparams)
-  loaded = jax.device_get(trainer.load_clip_weights(state, good, config))
+  loaded = jax.device_get(model_state.load_clip_weights(state, good, config))
   tu.assert_trees_equal(loaded.params["clip"], scanned["params"])
   tu.assert_trees_equal(loaded.batch_stats["clip"], scanned["batch_stats"])
   tu.assert_trees_equal(loaded.params["head"], host.params["head"])
   drop = "text/ln_final/scale"
   missing = dict(clip, params=_edit(clip["params"], drop=drop))
   with pytest.raises(ValueError, match=rf"missing[\s\S]*clip/{drop}"):
-    trainer.load_clip_weights(
+    model_state.load_clip_weights(
       state, _write_clip(tmp_path / "missing", missing, hparams), config
     )
   extra = dict(clip, params=_edit(clip["params"], add="visual/extra/bias"))
   with pytest.raises(ValueError, match=r"unexpected[\s\S]*clip/visual/extra"):
-    trainer.load_clip_weights(
+    model_state.load_clip_weights(
       state, _write_clip(tmp_path / "extra", extra, hparams), config
     )
   other = dict(hparams, transformer_layers=hparams["transformer_layers"] + 1)
   with pytest.raises(ValueError, match="hyperparameters"):
-    trainer.load_clip_weights(
+    model_state.load_clip_weights(
       state, _write_clip(tmp_path / "other", clip, other), config
     )
 
@@ -311,7 +306,7 @@ def test_shipped_config_builds_abstractly(name, variant):
   config = importlib.import_module(f"configs.{name}").get_config(variant)
   before = {id(x) for x in jax.live_arrays()}
   with tu.count_compiles() as counts:
-    setup = trainer.build_setup(config, num_train_refs=1000)
+    setup = model_state.build_setup(config, num_train_refs=1000)
   new = [x for x in jax.live_arrays() if id(x) not in before]
   assert sum(x.nbytes for x in new) < 2**20, "build_setup allocated arrays"
   assert not counts["init"] and not counts["init_state"], counts
@@ -348,7 +343,7 @@ def _toy_step(norm, accum_steps):
   variables = model.init(
     jax.random.key(0), batch["image"], batch["tokens"], train=False
   )
-  state = train_lib.TrainState(
+  state = steps.TrainState(
     step=jnp.zeros((), jnp.int32),
     params=variables["params"],
     batch_stats=variables.get("batch_stats", {}),
@@ -356,7 +351,7 @@ def _toy_step(norm, accum_steps):
     rng=jnp.zeros(2, jnp.uint32),
   )
   step = functools.partial(
-    train_lib.train_step,
+    steps.train_step,
     model=model,
     tx=tx,
     schedule=optax.constant_schedule(1.0),

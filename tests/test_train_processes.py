@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import train_utils as tu
 
-from jmceln_jax import checkpointing, sharding, trainer, writers
+from jmceln_jax.training import checkpoints, loop, model_state, sharding
+from jmceln_jax.utils import writers
 
 pytestmark = pytest.mark.slow  # The fast tier: pytest -m 'not slow'.
 
@@ -29,8 +30,8 @@ flags.FLAGS.mark_as_parsed()
 import jax, numpy as np
 from flax import traverse_util
 import train_utils as tu
-from jmceln_jax import trainer
-state = trainer.train_and_evaluate(tu.make_config(sys.argv[1]), sys.argv[2])
+from jmceln_jax.training import loop
+state = loop.train_and_evaluate(tu.make_config(sys.argv[1]), sys.argv[2])
 params = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
 np.savez(f"{sys.argv[2]}/params_{jax.process_index()}.npz", **params)
 """
@@ -49,7 +50,7 @@ def straight(tmp_path_factory):
 def _latest_after_kill(workdir, completed) -> int:
   """The newest checkpoint complete at the kill survives it: a restart
   loses at most the steps since then."""
-  ckpt = checkpointing.Checkpointer(
+  ckpt = checkpoints.Checkpointer(
     os.path.join(workdir, "checkpoints"), read_only=True
   )
   latest = ckpt.latest_step() or 0
@@ -106,7 +107,7 @@ def test_sigkill_anytime_then_restart_is_exact(straight, data_dir, tmp_path):
       _latest_after_kill(workdir, completed)
   with open(log_path) as f:
     assert f"Resumed from {workdir}/checkpoints at step" in f.read()
-  trainer.train_and_evaluate(tu.make_config(data_dir), workdir)
+  loop.train_and_evaluate(tu.make_config(data_dir), workdir)
   assert not glob.glob(f"{workdir}/checkpoints/*{TMP_MARK}*")
   setup = tu.setup_for(tu.make_config(data_dir))
   tu.assert_trees_equal(
@@ -202,7 +203,7 @@ def test_two_processes_train_in_lockstep(straight, data_dir, tmp_path):
   }
   saved = sorted(int(s) for s in os.listdir(f"{workdir}/checkpoints"))
   starts = {k: tu.restore(workdir, k, setup)[0] for k in saved[:-1]}
-  step = trainer.jit_train_step(config, setup)
+  step = model_state.jit_train_step(config, setup)
   for k, state in starts.items():
     batch = sharding.host_to_global(batches[k], setup.mesh)
     _, m = step(jax.device_put(state, setup.state_shardings), batch)

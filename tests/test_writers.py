@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-from jmceln_jax import writers
+from jmceln_jax.utils import writers
 
 
 def _read_events(path):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 from flax_test_utils import ynnpack_ops
 
-from jmceln_jax import xla_options
+from jmceln_jax.ops import xla_options
 
 
 def _conv_and_dot(x, kernel, a, b):

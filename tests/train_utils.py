@@ -27,8 +27,8 @@ import ml_collections
 import numpy as np
 
 from configs import tiny
-from jmceln_jax import checkpointing, trainer
 from jmceln_jax.data import datasets, pipeline
+from jmceln_jax.training import checkpoints, loop, model_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANT = "baseline"
@@ -186,7 +186,7 @@ def straight_run(tmp_path_factory) -> str:
 
   def run(workdir):
     with count_compiles() as counts:
-      trainer.train_and_evaluate(
+      loop.train_and_evaluate(
         make_config(prepared_data(tmp_path_factory)), workdir
       )
     with open(os.path.join(workdir, "compiles.json"), "w") as f:
@@ -196,14 +196,14 @@ def straight_run(tmp_path_factory) -> str:
 
 
 def setup_for(config: ml_collections.ConfigDict, devices=None):
-  """trainer.Setup of `config` on its data (all devices by default)."""
+  """model_state.Setup of `config` on its data (all devices by default)."""
   refs = pipeline.num_refs(config.input.data_dir, config.input.train_split)
-  return trainer.build_setup(config, refs, devices)
+  return model_state.build_setup(config, refs, devices)
 
 
 def restore(workdir: str, step: int, setup) -> tuple:
   """(host state, data state) of checkpoint `step` of a workdir."""
-  ckpt = checkpointing.Checkpointer(
+  ckpt = checkpoints.Checkpointer(
     os.path.join(workdir, "checkpoints"), read_only=True
   )
   try:
@@ -243,6 +243,6 @@ def train_batches(config: ml_collections.ConfigDict, count: int, **kw):
     )
   )
   return [
-    {k: b[k] for k in trainer.TRAIN_FIELDS}
+    {k: b[k] for k in model_state.TRAIN_FIELDS}
     for b in (next(iterator) for _ in range(count))
   ]

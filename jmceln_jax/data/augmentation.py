@@ -18,7 +18,7 @@ import re
 
 import numpy as np
 
-from jmceln_jax import preprocess
+from jmceln_jax.data import preprocess
 
 FLIP_PROBABILITY = 0.5
 MIN_SCALE = 0.85

@@ -11,7 +11,7 @@ Evaluation (`eval_dataset`): every sentence of every ref exactly once, in
 record order, padded at the end to whole global batches; padded rows carry
 `valid = False` and never count.
 
-Every example goes through `jmceln_jax.preprocess` (the same code as
+Every example goes through `jmceln_jax.data.preprocess` (the same code as
 prediction): decode, letterbox to S x S, CLIP normalisation, tokenisation to L.
 Training can add `jmceln_jax.data.augmentation` (flip with mirrored sentence,
 letterbox jitter; off by default).
@@ -39,8 +39,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from jmceln_jax import preprocess, text
-from jmceln_jax.data import augmentation, records
+from jmceln_jax.data import augmentation, preprocess, records, tokenizer
 
 # Batches built concurrently and held ready per process (see `_finish`).
 _PREFETCH = 4
@@ -60,8 +59,8 @@ class Example:
   canvas: int = 0  # M for evaluation's original-size masks; 0 = training.
 
   @functools.cached_property
-  def _tokenizer(self) -> text.Tokenizer:
-    return text.Tokenizer(self.max_len, self.vocab)
+  def _tokenizer(self) -> tokenizer.Tokenizer:
+    return tokenizer.Tokenizer(self.max_len, self.vocab)
 
   def __call__(
     self,
@@ -208,7 +207,7 @@ def train_dataset(
       iterator state still resumes exactly. "box" then holds each example's
       jittered geometry (of the flipped original when flipped).
   """
-  example = Example(image_size, max_len, text.resolve_vocab(vocab))
+  example = Example(image_size, max_len, tokenizer.resolve_vocab(vocab))
   ds = grain.MapDataset.source(split_source(data_dir, split))
   ds = ds[process_index::process_count]
   if len(ds) < batch_size:
@@ -332,7 +331,7 @@ def eval_dataset(
   rows = rows.reshape(-1, process_count, per, 5)[:, process_index].reshape(
     -1, 5
   )
-  example = Example(image_size, max_len, text.resolve_vocab(vocab), canvas)
+  example = Example(image_size, max_len, tokenizer.resolve_vocab(vocab), canvas)
   ds = grain.MapDataset.source(rows).map(
     _EvalMap(example, split_source(data_dir, split))
   )

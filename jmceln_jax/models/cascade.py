@@ -25,14 +25,12 @@ have collapsed into one and the cascade has one query, not Q.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jmceln_jax.models import position
-from jmceln_jax.models.blocks import Dtype, MultiHeadAttention
+from jmceln_jax.models.layers import Dtype, MultiHeadAttention
 from jmceln_jax.models.pan import PAN
-
-Array = jax.Array
+from jmceln_jax.typing import Array
 
 
 class CascadeStage(nn.Module):

@@ -21,8 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jmceln_jax import paths
-from jmceln_jax.models import clip_resnet, clip_text, layers
+from jmceln_jax.models import clip_resnet, clip_text
+from jmceln_jax.typing import Dtype
+from jmceln_jax.utils import paths
 
 HPARAMS = (
   "embed_dim",
@@ -56,7 +57,7 @@ class CLIP(nn.Module):
       running statistics (the new dense-pool `connect` BatchNorm still
       follows `train`).
     dtype: compute dtype (None/float32 or bfloat16); params are float32.
-    scan: scan the identical blocks of both towers (models/stacking.py).
+    scan: scan the identical blocks of both towers (ops/stacking.py).
   """
 
   embed_dim: int
@@ -69,7 +70,7 @@ class CLIP(nn.Module):
   transformer_heads: int
   transformer_layers: int
   freeze_bn: bool = False
-  dtype: layers.Dtype | None = None
+  dtype: Dtype | None = None
   scan: bool = False
 
   def setup(self):
@@ -260,7 +261,7 @@ def read_config(directory: str) -> dict[str, Any]:
 
 
 def load_clip(
-  directory: str, *, freeze_bn: bool = False, dtype: layers.Dtype | None = None
+  directory: str, *, freeze_bn: bool = False, dtype: Dtype | None = None
 ) -> tuple[CLIP, dict[str, Any]]:
   """Loads a converted CLIP directory.
 

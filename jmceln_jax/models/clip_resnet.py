@@ -10,7 +10,7 @@ The attention pool comes in two forms sharing one set of parameters:
   (`input_resolution // 32` squared).
 - `dense`: CRIS's pool, used by JMCELN as C5. Every feature-map position is a
   query/key/value; the positional embedding minus its class row is resized
-  bicubically (torch semantics, jmceln_jax.resize) to the feature grid inside
+  bicubically (torch semantics, jmceln_jax.ops.resize) to the feature grid inside
   the forward pass; the output adds a new `connect` 1x1 conv + BatchNorm
   residual and a ReLU.
 """
@@ -24,9 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jmceln_jax import resize
-from jmceln_jax.models import layers, stacking
-from jmceln_jax.models.conv import Conv
+from jmceln_jax.models import layers
+from jmceln_jax.ops import resize, stacking
+from jmceln_jax.ops.conv import Conv
+from jmceln_jax.typing import Dtype
 
 EXPANSION = 4
 PAD1 = ((1, 1), (1, 1))
@@ -37,7 +38,7 @@ def _avg_pool(x: jax.Array, stride: int) -> jax.Array:
   return nn.avg_pool(x, (stride, stride), strides=(stride, stride))
 
 
-class ConvBN(nn.Module):
+class PoolConvBN(nn.Module):
   """[AvgPool(pool)] + 1x1 conv (no bias) "0" + BatchNorm "1".
 
   The torch `downsample` Sequential of a Bottleneck (keys "-1", "0", "1") and
@@ -51,7 +52,7 @@ class ConvBN(nn.Module):
 
   features: int
   pool: int = 1
-  dtype: layers.Dtype | None = None
+  dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, use_running_average: bool) -> jax.Array:
@@ -77,7 +78,7 @@ class Bottleneck(nn.Module):
 
   planes: int
   stride: int = 1
-  dtype: layers.Dtype | None = None
+  dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, use_running_average: bool) -> jax.Array:
@@ -96,7 +97,7 @@ class Bottleneck(nn.Module):
     out = conv(EXPANSION * self.planes, (1, 1), name="conv3")(out)
     out = norm(name="bn3")(out)
     if self.stride > 1 or x.shape[-1] != EXPANSION * self.planes:
-      x = ConvBN(
+      x = PoolConvBN(
         EXPANSION * self.planes, self.stride, self.dtype, name="downsample"
       )(x, use_running_average=use_running_average)
     # Its own buffer: XLA's CPU fusion would otherwise recompute the residual
@@ -112,13 +113,13 @@ class ResNetStage(nn.Module):
     blocks: number of Bottlenecks.
     stride: stride of the first block.
     dtype: compute dtype.
-    scan: scan blocks 1.. (identical shapes; models/stacking.py).
+    scan: scan blocks 1.. (identical shapes; ops/stacking.py).
   """
 
   planes: int
   blocks: int
   stride: int
-  dtype: layers.Dtype | None = None
+  dtype: Dtype | None = None
   scan: bool = False
 
   @nn.compact
@@ -156,7 +157,7 @@ class AttentionPool2d(nn.Module):
   width: int
   num_heads: int
   output_dim: int
-  dtype: layers.Dtype | None = None
+  dtype: Dtype | None = None
 
   def setup(self):
     init = nn.initializers.normal(stddev=self.width**-0.5)
@@ -168,7 +169,7 @@ class AttentionPool2d(nn.Module):
     self.k_proj = dense(self.width)
     self.v_proj = dense(self.width)
     self.c_proj = dense(self.output_dim)
-    self.connect = ConvBN(self.output_dim, dtype=self.dtype)
+    self.connect = PoolConvBN(self.output_dim, dtype=self.dtype)
 
   def _attend(self, query: jax.Array, tokens: jax.Array) -> jax.Array:
     """`query` [B, Lq, width] over `tokens` [B, L, width] -> [B, Lq, out]."""
@@ -227,7 +228,7 @@ class ModifiedResNet(nn.Module):
       is new (CRIS's; no checkpoint has statistics for it) and always
       follows `train`. False: batch statistics when train=True.
     dtype: compute dtype; parameters are float32.
-    scan: scan the identical blocks of each stage (models/stacking.py).
+    scan: scan the identical blocks of each stage (ops/stacking.py).
   """
 
   stage_sizes: Sequence[int]
@@ -236,7 +237,7 @@ class ModifiedResNet(nn.Module):
   input_resolution: int = 224
   width: int = 64
   freeze_bn: bool = False
-  dtype: layers.Dtype | None = None
+  dtype: Dtype | None = None
   scan: bool = False
 
   @nn.compact

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jmceln_jax.models import layers
+from jmceln_jax.typing import Dtype
 
 
 class Mlp(nn.Module):
@@ -28,7 +29,7 @@ class Mlp(nn.Module):
     dtype: compute dtype.
   """
 
-  dtype: layers.Dtype | None = None
+  dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -47,13 +48,13 @@ class ResidualAttentionBlock(nn.Module):
   """
 
   heads: int
-  dtype: layers.Dtype | None = None
+  dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     """x: [B, L, D]; mask: bool [L, L] (True = may attend) -> [B, L, D]."""
     y = layers.layer_norm(dtype=self.dtype, name="ln_1")(x)
-    x = x + layers.MultiheadAttention(self.heads, self.dtype, name="attn")(
+    x = x + layers.TorchMultiheadAttention(self.heads, self.dtype, name="attn")(
       y, y, y, mask
     )
     y = layers.layer_norm(dtype=self.dtype, name="ln_2")(x)
@@ -67,12 +68,12 @@ class Transformer(nn.Module):
     num_layers: number of residual blocks.
     heads: attention heads.
     dtype: compute dtype.
-    scan: scan the blocks (stacked parameters, models/stacking.py).
+    scan: scan the blocks (stacked parameters, ops/stacking.py).
   """
 
   num_layers: int
   heads: int
-  dtype: layers.Dtype | None = None
+  dtype: Dtype | None = None
   scan: bool = False
 
   @nn.compact
@@ -95,7 +96,7 @@ class TextTransformer(nn.Module):
     num_layers: residual blocks.
     embed_dim: output width of `text_projection` (CLIP's joint embedding).
     dtype: compute dtype; parameters are float32.
-    scan: scan the residual blocks (models/stacking.py).
+    scan: scan the residual blocks (ops/stacking.py).
   """
 
   context_length: int
@@ -104,7 +105,7 @@ class TextTransformer(nn.Module):
   heads: int
   num_layers: int
   embed_dim: int
-  dtype: layers.Dtype | None = None
+  dtype: Dtype | None = None
   scan: bool = False
 
   @nn.compact

@@ -10,14 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from jmceln_jax.models.blocks import ConvBN, Dtype
-from jmceln_jax.models.conv import Conv
-from jmceln_jax.resize import upsample2x
-
-Array = jax.Array
+from jmceln_jax.models.layers import ConvBN, Dtype
+from jmceln_jax.ops.conv import Conv
+from jmceln_jax.ops.resize import upsample2x
+from jmceln_jax.typing import Array
 
 
 class Head(nn.Module):

@@ -18,20 +18,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from jmceln_jax import config_lib, resize
-from jmceln_jax.models.blocks import Dtype, compute_dtype
+from jmceln_jax import config_lib
 from jmceln_jax.models.cascade import Cascade
 from jmceln_jax.models.clip import CLIP
-from jmceln_jax.models.conv import Conv
 from jmceln_jax.models.head import Head
+from jmceln_jax.models.layers import Dtype, compute_dtype
 from jmceln_jax.models.lsran import LSRAN
 from jmceln_jax.models.neck import Neck
 from jmceln_jax.models.pan import PAN_RESIDUALS
+from jmceln_jax.ops import resize
+from jmceln_jax.ops.conv import Conv
+from jmceln_jax.typing import Array
 
-Array = jax.Array
 CLIP_BN_MODES = ("train", "frozen")
 NUM_CLASSES = 2
 
@@ -197,7 +197,7 @@ class JMCELN(JMCELNDecoder):
       in training) or "frozen" (always running averages).
     scan_layers: scan CLIP's identical blocks (text layers, ResNet blocks
       1.. of each stage): stacked parameters, a much smaller program
-      (models/stacking.py).
+      (ops/stacking.py).
   """
 
   clip: Mapping[str, Any] | None = None

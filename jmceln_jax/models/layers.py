@@ -10,7 +10,11 @@ Everything here pins one torch convention in one place:
   `nn.MultiheadAttention` after splitting its fused `in_proj_weight`).
 - `Stack`: a sequence of blocks named "0", "1", ... like torch's
   `nn.Sequential`, so parameter paths mirror torch state_dict keys (or one
-  scanned block, models/stacking.py).
+  scanned block, ops/stacking.py).
+
+And the decoder's layers: Conv-BN-activation, multi-head attention with
+arbitrary leading batch dimensions (windows) around the same float32 core,
+the depthwise convolution, and the compute-dtype helper. All tensors are NHWC.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jmceln_jax.models import stacking
-
-Dtype = Any
+from jmceln_jax.ops import stacking
+from jmceln_jax.ops.conv import Conv
+from jmceln_jax.typing import Array, Dtype
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -133,7 +137,7 @@ def multi_head_attention(
   return out.reshape(*out.shape[:-2], dim)
 
 
-class MultiheadAttention(nn.Module):
+class TorchMultiheadAttention(nn.Module):
   """torch `nn.MultiheadAttention` (batch-first) with q/k/v projections.
 
   Child names follow the torch keys once the fused `in_proj_weight` is split:
@@ -176,7 +180,7 @@ class MultiheadAttention(nn.Module):
 
 class Stack(nn.Module):
   """Blocks applied in sequence, named "0", "1", ... (torch nn.Sequential),
-  or scanned (see models/stacking.py).
+  or scanned (see ops/stacking.py).
 
   Attributes:
     block: module factory taking `name=`, e.g. functools.partial(Block, ...).
@@ -193,4 +197,111 @@ class Stack(nn.Module):
     """Returns block[count-1](...block[0](x, *args, **kwargs)...)."""
     return stacking.run_blocks(
       self.block, x, 0, self.count, self.scan, *args, **kwargs
+    )
+
+
+def compute_dtype(dtype: Dtype | str | None) -> jnp.dtype | None:
+  """Turns a config dtype ("float32", "bfloat16", None) into a jnp dtype."""
+  return None if dtype is None else jnp.dtype(dtype)
+
+
+class ConvBN(nn.Module):
+  """Conv (no bias) + BatchNorm + optional activation, 'same' padding.
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel side (odd).
+    dilation: kernel dilation; the padding keeps the spatial size.
+    act: activation after the norm, or None for a linear output.
+    dtype: compute dtype.
+  """
+
+  features: int
+  kernel_size: int = 3
+  dilation: int = 1
+  act: Callable[[Array], Array] | None = nn.relu
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    """[B, H, W, Cin] -> [B, H, W, features]."""
+    pad = self.dilation * (self.kernel_size // 2)
+    x = Conv(
+      self.features,
+      (self.kernel_size, self.kernel_size),
+      padding=((pad, pad), (pad, pad)),
+      kernel_dilation=self.dilation,
+      use_bias=False,
+      dtype=self.dtype,
+      name="conv",
+    )(x)
+    x = batch_norm(use_running_average=not train, dtype=self.dtype, name="bn")(
+      x
+    )
+    return x if self.act is None else self.act(x)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head dot-product attention (Vaswani et al.) with projections.
+
+  Logits and softmax are computed in float32 whatever the compute dtype. The
+  query, value and output projections have biases, the key projection has
+  none (it would cancel in the softmax and only receive zero gradients).
+  Leading dimensions of the inputs are batch dimensions, so windows or other
+  groupings need no reshape into one batch axis.
+
+  Attributes:
+    num_heads: number of heads; the query width must be divisible by it.
+    dtype: compute dtype of the projections.
+  """
+
+  num_heads: int
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(
+    self,
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    bias: Array | None = None,
+    mask: Array | None = None,
+  ) -> Array:
+    """Attends `query` to `key`/`value`.
+
+    Args:
+      query: [..., Tq, C].
+      key: [..., Tk, Ck].
+      value: [..., Tk, Cv].
+      bias: optional additive logit bias broadcastable to [..., heads, Tq, Tk].
+      mask: optional bool, broadcastable to [..., heads, Tq, Tk]; True where
+        a key may be attended. Every query must keep at least one key.
+
+    Returns:
+      [..., Tq, C] in the compute dtype.
+    """
+    dim = query.shape[-1]
+    if dim % self.num_heads:
+      raise ValueError(
+        f"Attention width {dim} is not divisible by num_heads="
+        f"{self.num_heads}; change model.dim or model.num_heads."
+      )
+    head_dim = dim // self.num_heads
+
+    def project(x: Array, name: str, use_bias: bool = True) -> Array:
+      return nn.DenseGeneral(
+        (self.num_heads, head_dim),
+        use_bias=use_bias,
+        dtype=self.dtype,
+        name=name,
+      )(x)
+
+    q = project(query, "query")
+    # A key bias shifts every logit of a query equally: softmax ignores it.
+    k = project(key, "key", use_bias=False)
+    v = project(value, "value")
+    out = dot_product_attention(q, k, v, bias=bias, mask=mask)
+    return nn.DenseGeneral(dim, axis=(-2, -1), dtype=self.dtype, name="out")(
+      out
     )

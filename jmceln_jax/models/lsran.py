@@ -27,15 +27,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jmceln_jax.models import position
-from jmceln_jax.models.blocks import ConvBN, Dtype, MultiHeadAttention
-from jmceln_jax.models.layers import layer_norm
-
-Array = jax.Array
+from jmceln_jax.models.layers import (
+  ConvBN,
+  Dtype,
+  MultiHeadAttention,
+  layer_norm,
+)
+from jmceln_jax.typing import Array
 
 
 def window_partition(x: Array, window: int) -> Array:

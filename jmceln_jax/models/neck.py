@@ -19,14 +19,12 @@ from __future__ import annotations
 import functools
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jmceln_jax.models import layers, position
-from jmceln_jax.models.blocks import ConvBN, Dtype
-from jmceln_jax.resize import upsample2x
-
-Array = jax.Array
+from jmceln_jax.models.layers import ConvBN, Dtype
+from jmceln_jax.ops.resize import upsample2x
+from jmceln_jax.typing import Array
 
 
 def check_pyramid(c3: Array, c4: Array, c5: Array) -> None:

@@ -25,14 +25,12 @@ from __future__ import annotations
 import functools
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from jmceln_jax.models.blocks import Dtype
-from jmceln_jax.models.conv import Conv, DepthwiseConv
+from jmceln_jax.models.layers import Dtype
 from jmceln_jax.models.switchnorm import SwitchNorm
-
-Array = jax.Array
+from jmceln_jax.ops.conv import Conv, DepthwiseConv
+from jmceln_jax.typing import Array
 
 PAN_RESIDUALS = ("previous", "input")
 

@@ -30,10 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jmceln_jax.models.blocks import Dtype
-from jmceln_jax.models.layers import BN_EPSILON, BN_MOMENTUM
-
-Array = jax.Array
+from jmceln_jax.models.layers import BN_EPSILON, BN_MOMENTUM, Dtype
+from jmceln_jax.typing import Array
 
 
 class SwitchNorm(nn.Module):

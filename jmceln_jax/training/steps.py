@@ -1,13 +1,11 @@
 """Pure, jittable training and evaluation steps and the train state.
 
-The loop (jmceln_jax.trainer) binds the static collaborators (model, optimiser,
+The loop (jmceln_jax.training.loop) binds the static collaborators (model, optimiser,
 loss settings) with functools.partial and jits these functions with explicit
 shardings; nothing here touches the host.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import flax
 import jax
@@ -15,9 +13,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jmceln_jax import losses, metrics, preprocess
+from jmceln_jax.data import preprocess
+from jmceln_jax.evaluation import metrics
+from jmceln_jax.training import losses
+from jmceln_jax.typing import PyTree
 
-PyTree = Any
 Batch = dict[str, jax.Array]
 
 

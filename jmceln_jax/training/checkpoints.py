@@ -25,9 +25,8 @@ from etils import epath
 from flax import traverse_util
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from jmceln_jax import paths
-
-PyTree = Any
+from jmceln_jax.typing import PyTree
+from jmceln_jax.utils import paths
 
 
 class MismatchError(ValueError):

@@ -38,9 +38,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jmceln_jax.models import stacking
+from jmceln_jax.ops import stacking
+from jmceln_jax.typing import Array
 
-Array = jax.Array
 Padding = tuple[tuple[int, int], ...]
 
 

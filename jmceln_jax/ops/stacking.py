@@ -40,7 +40,7 @@ _UNROLL = [False]
 @contextlib.contextmanager
 def unrolled_loops() -> Iterator[None]:
   """Programs traced inside unroll every scanned run and per-tap loop
-  (models/conv.py): bigger programs, but XLA's cost analysis then counts
+  (ops/conv.py): bigger programs, but XLA's cost analysis then counts
   every iteration."""
   _UNROLL.append(True)
   try:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from jmceln_jax import writers
+from jmceln_jax.utils import writers
 
 PRED_COLOR = (255, 0, 200)  # Predicted mask (magenta): tint and outline.
 GT_COLOR = (0, 230, 255)  # Ground-truth outline (cyan).

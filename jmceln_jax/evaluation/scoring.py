@@ -2,7 +2,7 @@
 
 Used by validation during training and by `python -m jmceln_jax.evaluate`.
 Per-expression intersections and unions are computed on device in both
-conventions (jmceln_jax.metrics); the host only accumulates and summarises.
+conventions (jmceln_jax.evaluation.metrics); the host only accumulates and summarises.
 `table1` lays the mIoUs out like the paper's Table 1, next to its row;
 `by_kind` splits the scores by kind of expression when the data records
 kinds (the synthetic data does, RefCOCO does not); `final_evaluation` scores a
@@ -23,15 +23,11 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jmceln_jax import (
-  checkpointing,
-  metrics,
-  sharding,
-  train_lib,
-  writers,
-  xla_options,
-)
 from jmceln_jax.data import pipeline, records
+from jmceln_jax.evaluation import metrics
+from jmceln_jax.ops import xla_options
+from jmceln_jax.training import checkpoints, sharding, steps
+from jmceln_jax.utils import writers
 
 # Fields of an evaluation batch that go to the device.
 DEVICE_FIELDS = ("image", "tokens", "target", "box", "gt", "valid", "index")
@@ -58,7 +54,7 @@ _DATASETS = {
 
 
 def _eval_fn(state, batch, *, model, with_logits, previews):
-  out = train_lib.eval_step(
+  out = steps.eval_step(
     state, batch, model=model, with_logits=with_logits or previews > 0
   )
   out["valid"], out["index"] = batch["valid"], batch["index"]
@@ -110,7 +106,7 @@ class Evaluator:
 
   def run(
     self,
-    state: train_lib.TrainState,
+    state: steps.TrainState,
     data_dir: str,
     split: str,
     *,
@@ -319,7 +315,7 @@ def final_evaluation(
   config: ml_collections.ConfigDict,
   workdir: str,
   abstract_state: Any,
-  ckpt: checkpointing.Checkpointer,
+  ckpt: checkpoints.Checkpointer,
   evaluator: Evaluator,
   data_dir: str,
 ) -> dict[str, Any]:

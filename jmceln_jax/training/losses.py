@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
+from jmceln_jax.typing import Array
 
 
 def cross_entropy(

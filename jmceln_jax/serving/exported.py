@@ -11,11 +11,11 @@ for OpenAI's text cleaning; plain text does not need it), no flax and no model
 code: the network is the serialized StableHLO in DIR (jax.export, any batch
 size, lowered for CPU and CUDA), its weights are DIR/params.npz and the CLIP
 BPE vocabulary is DIR/tokenizer.json. The steps around it are the project's
-own (jmceln_jax.preprocess and jmceln_jax.text): a letterbox of the image into
+own (jmceln_jax.data.preprocess and jmceln_jax.data.tokenizer): a letterbox of the image into
 S x S (bicubic, centred, CLIP-mean border), CLIP token rows (SOT, BPE ids,
 EOT, zeros), and the logits mapped back to the image's own size (bilinear,
 half-pixel centres) before the argmax. tests/test_export.py checks that its
-masks equal `jmceln_jax.predict.Predictor`'s.
+masks equal `jmceln_jax.serving.inference.Predictor`'s.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmceln_jax import preprocess
+from jmceln_jax.data import preprocess
 
 # Convention -> whether Pr@X needs IoU strictly above X.
 CONVENTIONS = {"original": True, "network": False}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,7 @@ import ml_collections
 import optax
 from flax import traverse_util
 
-PyTree = Any
+from jmceln_jax.typing import PyTree
 
 
 def param_paths(params: PyTree) -> PyTree:

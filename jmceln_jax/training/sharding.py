@@ -11,7 +11,6 @@ array tree, so optimiser moments follow their parameters.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import ml_collections
@@ -19,7 +18,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-PyTree = Any
+from jmceln_jax.typing import PyTree
+
 AXES = ("data", "fsdp")
 
 

@@ -1,0 +1,1 @@
+"""Files: path helpers, atomic writes and the metric writers."""
