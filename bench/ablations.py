@@ -22,7 +22,6 @@ configs/tiny.py on 24 balanced images for 2 steps (a smoke test).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -31,12 +30,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from absl import flags
+
 from bench import common
 from jmceln_jax import config_lib
 from jmceln_jax.data import datasets
 from jmceln_jax.evaluation import metrics
 from jmceln_jax.training import loop
-from jmceln_jax.utils import paths, writers
+from jmceln_jax.utils import cli_flags, paths, writers
 
 # The paper's Table 2 (RefCOCO testB): mIoU, Pr@0.5, Pr@0.9 per variant.
 PAPER_TABLE2 = {
@@ -170,7 +171,7 @@ def table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
   return "\n".join(out + ["| " + " | ".join(x) + " |" for x in lines])
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: flags.FlagValues) -> dict[str, Any]:
   """Prepares the data once, trains every run, prints the table."""
   workdir = paths.absolute(args.workdir)
   config = common.load_config(args.config)
@@ -197,47 +198,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   print(table(rows))
   print("\n" + table(rows, markdown=True))
   return dict(
-    settings={k: v for k, v in vars(args).items() if k != "json"},
+    settings=cli_flags.values(args, exclude=("json",)),
     data=dict(data_dir=data_dir, preset=cfg.get("synthetic_preset")),
     runs=runs,
     results=rows,
   )
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string(
+    "config",
+    None,
+    "Config file taking a variant (default: configs/balanced.py, with "
+    "--tiny configs/tiny.py).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "workdir",
+    "runs/ablations",
+    "Folder of the data and of one training run per variant and seed.",
+    flag_values=fv,
+  )
+  cli_flags.define_choices(
+    fv,
+    "variants",
+    list(config_lib.VARIANTS),
+    "Comma-separated Table 2 variants.",
+    {v: v for v in config_lib.VARIANTS},
+  )
+  cli_flags.define_numbers(
+    fv, "seeds", [0, 1], "Comma-separated training seeds.", minimum=0
+  )
+  flags.DEFINE_string(
+    "json", None, "Also write the results to this JSON file.", flag_values=fv
+  )
+  flags.DEFINE_bool("tiny", False, "configs/tiny.py smoke run.", flag_values=fv)
+
+
+def parse_args(argv: Sequence[str] | None) -> flags.FlagValues:
   """The command-line flags (see the module docstring)."""
-  p = argparse.ArgumentParser(
-    prog="python -m bench.ablations",
-    description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  args = cli_flags.parse(
+    argv, _define, program="python -m bench.ablations", doc=__doc__
   )
-  p.add_argument(
-    "--config",
-    help="config file taking a variant (default: configs/balanced.py, with "
-    "--tiny configs/tiny.py)",
-  )
-  p.add_argument(
-    "--workdir",
-    default="runs/ablations",
-    help="folder of the data and of one training run per variant and seed",
-  )
-  p.add_argument(
-    "--variants",
-    type=common.choice_list("--variants", {v: v for v in config_lib.VARIANTS}),
-    default=list(config_lib.VARIANTS),
-    help="comma-separated Table 2 variants",
-  )
-  p.add_argument(
-    "--seeds",
-    type=common.int_list("--seeds", minimum=0),
-    default=[0, 1],
-    help="comma-separated training seeds",
-  )
-  p.add_argument("--json", help="also write the results to this JSON file")
-  p.add_argument(
-    "--tiny", action="store_true", help="configs/tiny.py smoke run"
-  )
-  args = p.parse_args(argv)
   args.config = args.config or _CONFIGS[args.tiny]
   return args
 

@@ -7,7 +7,6 @@ random CLIP tokens and atomic JSON output.
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import importlib.util
 import os
@@ -149,51 +148,6 @@ class Table:
       for k, _, f, _ in self.columns
     ]
     print(self._line(cells), flush=True)
-
-
-def int_list(flag: str, minimum: int = 1) -> Callable[[str], list[int]]:
-  """An argparse type: comma-separated integers >= `minimum`, e.g. "1,4"."""
-  return number_list(flag, int, minimum)
-
-
-def number_list(
-  flag: str, kind: Callable[[str], Any], minimum: float
-) -> Callable[[str], list[Any]]:
-  """An argparse type: comma-separated numbers (`kind`: int or float) >=
-  `minimum`, e.g. "0.02,1"."""
-
-  def parse(value: str) -> list[Any]:
-    try:
-      out = [kind(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-      out = []
-    if not out or min(out) < minimum:
-      raise argparse.ArgumentTypeError(
-        f"{flag} wants comma-separated "
-        f"{'integers' if kind is int else 'numbers'} >= {minimum}; got "
-        f"{value!r}"
-      )
-    return out
-
-  return parse
-
-
-def choice_list(
-  flag: str, choices: Mapping[str, Any]
-) -> Callable[[str], list[Any]]:
-  """An argparse type: comma-separated words among `choices` (case
-  ignored), each turned into its value, e.g. "true,false" -> [True, False]."""
-
-  def parse(value: str) -> list[Any]:
-    words = [v.strip().lower() for v in value.split(",") if v.strip()]
-    if not words or not set(words) <= set(choices):
-      raise argparse.ArgumentTypeError(
-        f"{flag} wants {' and/or '.join(choices)}, comma-separated; "
-        f"got {value!r}"
-      )
-    return [choices[w] for w in words]
-
-  return parse
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -17,7 +17,6 @@ versions as JSON. `--tiny` runs a few-second smoke version.
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pycocotools import mask as mask_utils
 from bench import common
 from data_prep import prepare, shards
 from jmceln_jax.data import pipeline
+from jmceln_jax.utils import cli_flags
 
 SPLIT = "bench"
 EVAL_CANVAS = 640  # COCO images are at most 640 pixels on a side.
@@ -200,7 +200,7 @@ def measure(
 
 def _dataset(
   kind: str,
-  args: argparse.Namespace,
+  args: flags.FlagValues,
   data_dir: str,
   workers: int,
   index: np.ndarray,
@@ -224,7 +224,7 @@ def _dataset(
   return ds
 
 
-def run(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
+def run(args: flags.FlagValues, data_dir: str) -> dict[str, Any]:
   """Writes the data into `data_dir` and measures every pipeline."""
   manifest = write_dataset(data_dir, args.num_images, progress=not args.tiny)
   index = pipeline.expression_index(data_dir, SPLIT)
@@ -258,43 +258,52 @@ def run(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
   )
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer(
+    "num_images", 64, "Images = refs.", lower_bound=1, flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "image_size", 416, "Network side S.", lower_bound=32, flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "max_len", 30, "Token length L.", lower_bound=3, flag_values=fv
+  )
+  cli_flags.define_numbers(
+    fv, "workers", [0, 1, 2], "Grain worker counts.", minimum=0
+  )
+  flags.DEFINE_integer(
+    "batch", 10, "Per-process batch.", lower_bound=1, flag_values=fv
+  )
+  flags.DEFINE_float(
+    "seconds", 10.0, "Measured seconds per run.", lower_bound=0, flag_values=fv
+  )
+  flags.DEFINE_float(
+    "warmup",
+    3.0,
+    "Seconds of batches not counted, after the first batch.",
+    lower_bound=0,
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "json", None, "Also write the results to this JSON file.", flag_values=fv
+  )
+  flags.DEFINE_bool(
+    "tiny",
+    False,
+    f"Smoke run of a few seconds; overrides {sorted(_TINY)}.",
+    flag_values=fv,
+  )
+
+
+def parse_args(argv: Sequence[str] | None) -> flags.FlagValues:
   """The command-line flags (see the module docstring)."""
-  p = argparse.ArgumentParser(
-    prog="python -m bench.data",
-    description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  args = cli_flags.parse(
+    argv, _define, program="python -m bench.data", doc=__doc__
   )
-  p.add_argument("--num_images", type=int, default=64, help="images = refs")
-  p.add_argument("--image_size", type=int, default=416, help="network side S")
-  p.add_argument("--max_len", type=int, default=30, help="token length L")
-  p.add_argument(
-    "--workers",
-    type=common.int_list("--workers", minimum=0),
-    default=[0, 1, 2],
-    help="grain worker counts",
-  )
-  p.add_argument("--batch", type=int, default=10, help="per-process batch")
-  p.add_argument(
-    "--seconds", type=float, default=10.0, help="measured seconds per run"
-  )
-  p.add_argument(
-    "--warmup",
-    type=float,
-    default=3.0,
-    help="seconds of batches not counted, after the first batch",
-  )
-  p.add_argument("--json", help="also write the results to this JSON file")
-  p.add_argument(
-    "--tiny",
-    action="store_true",
-    help=f"smoke run of a few seconds; overrides {sorted(_TINY)}",
-  )
-  args = p.parse_args(argv)
   if args.tiny:
-    vars(args).update(_TINY)
-  if args.num_images < 1 or args.batch < 1 or args.batch > args.num_images:
-    p.error("Need 1 <= --batch <= --num_images.")
+    cli_flags.override(args, _TINY)
+  if args.batch > args.num_images:
+    cli_flags.fail("need --batch <= --num_images")
   return args
 
 

@@ -30,7 +30,6 @@ CLIP at 64x64 pixels, in seconds.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import importlib.util
@@ -43,6 +42,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 
 from bench import common
 from jmceln_jax import config_lib
@@ -50,6 +50,7 @@ from jmceln_jax.convert import clip_weights
 from jmceln_jax.models import clip
 from jmceln_jax.ops import xla_options
 from jmceln_jax.training import steps
+from jmceln_jax.utils import cli_flags
 
 _PACKAGES = (*common.JAX_PACKAGES, "torch", "clip-anytorch")
 _TINY = dict(
@@ -263,7 +264,7 @@ def _lines(row: dict[str, Any]) -> list[dict[str, Any]]:
   ]
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: flags.FlagValues) -> dict[str, Any]:
   """Builds both models and measures every (form, batch); see module doc."""
   hparams = dict(
     config_lib.CLIP_TINY if args.tiny else config_lib.CLIP_RN101,
@@ -330,58 +331,68 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for line in _lines(row):
       table.row(line)
   return dict(
-    settings={k: v for k, v in vars(args).items() if k != "json"},
+    settings=cli_flags.values(args, exclude=("json",)),
     clip=hparams,
     torch=ref.note if ref else "missing",
     results=rows,
   )
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer(
+    "image_size",
+    416,
+    "Image side (a multiple of 32).",
+    lower_bound=32,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "max_len", 30, "Text tokens L.", lower_bound=3, flag_values=fv
+  )
+  cli_flags.define_numbers(
+    fv, "image_batches", [1, 4], "Image encoder batch sizes."
+  )
+  cli_flags.define_numbers(
+    fv, "text_batches", [1, 16], "Text encoder batch sizes."
+  )
+  flags.DEFINE_integer(
+    "threads",
+    len(os.sched_getaffinity(0)),
+    "Torch threads (default: the usable CPUs, as XLA's CPU client).",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "warmup", 2, "Untimed calls.", lower_bound=0, flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "repeats", 10, "Timed calls.", lower_bound=1, flag_values=fv
+  )
+  flags.DEFINE_integer("seed", 0, "Weights and inputs.", flag_values=fv)
+  flags.DEFINE_string(
+    "json", None, "Also write the results to this JSON file.", flag_values=fv
+  )
+  flags.DEFINE_bool(
+    "tiny",
+    False,
+    f"Tiny CLIP smoke run; overrides {sorted(_TINY)}.",
+    flag_values=fv,
+  )
+  cli_flags.validate(
+    fv,
+    "image_size",
+    lambda v: v % 32 == 0,
+    "--image_size: give a multiple of 32",
+  )
+
+
+def parse_args(argv: Sequence[str] | None) -> flags.FlagValues:
   """The command-line flags (see the module docstring)."""
-  p = argparse.ArgumentParser(
-    prog="python -m bench.encoders",
-    description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  args = cli_flags.parse(
+    argv, _define, program="python -m bench.encoders", doc=__doc__
   )
-  p.add_argument(
-    "--image_size", type=int, default=416, help="image side (multiple of 32)"
-  )
-  p.add_argument("--max_len", type=int, default=30, help="text tokens L")
-  p.add_argument(
-    "--image_batches",
-    type=common.int_list("--image_batches"),
-    default=[1, 4],
-    help="image encoder batch sizes",
-  )
-  p.add_argument(
-    "--text_batches",
-    type=common.int_list("--text_batches"),
-    default=[1, 16],
-    help="text encoder batch sizes",
-  )
-  p.add_argument(
-    "--threads",
-    type=int,
-    default=len(os.sched_getaffinity(0)),
-    help="torch threads (default: the usable CPUs, as XLA's CPU client)",
-  )
-  p.add_argument("--warmup", type=int, default=2, help="untimed calls")
-  p.add_argument("--repeats", type=int, default=10, help="timed calls")
-  p.add_argument("--seed", type=int, default=0, help="weights and inputs")
-  p.add_argument("--json", help="also write the results to this JSON file")
-  p.add_argument(
-    "--tiny",
-    action="store_true",
-    help=f"tiny CLIP smoke run; overrides {sorted(_TINY)}",
-  )
-  args = p.parse_args(argv)
   if args.tiny:
-    vars(args).update(_TINY)
-  if args.image_size % 32 or args.image_size < 32:
-    p.error(f"--image_size must be a multiple of 32, got {args.image_size}.")
-  if args.max_len < 3 or args.threads < 1 or args.repeats < 1:
-    p.error("Need --max_len >= 3, --threads >= 1 and --repeats >= 1.")
+    cli_flags.override(args, _TINY)
   return args
 
 

@@ -21,7 +21,6 @@ under a minute.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -31,11 +30,13 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import flags
 
 from bench import common
 from jmceln_jax.data import datasets, pipeline
 from jmceln_jax.evaluation import scoring
 from jmceln_jax.training import costs, model_state
+from jmceln_jax.utils import cli_flags
 
 _PACKAGES = (*common.JAX_PACKAGES, "grain", "array-record")
 _CONFIGS = {
@@ -46,7 +47,7 @@ _TINY = dict(num_images=24, repeats=1)
 
 
 def eval_config(
-  args: argparse.Namespace, devices: int
+  args: flags.FlagValues, devices: int
 ) -> ml_collections.ConfigDict:
   """The --config with the flags' overrides of its `input` section."""
   config = common.load_config(args.config)
@@ -134,7 +135,7 @@ def measure(
   )
 
 
-def run(args: argparse.Namespace, work_dir: str) -> dict[str, Any]:
+def run(args: flags.FlagValues, work_dir: str) -> dict[str, Any]:
   """Prepares the data (unless --data_dir) and measures; see module doc."""
   devices = costs.select_devices(args.devices)
   config = eval_config(args, len(devices))
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace, work_dir: str) -> dict[str, Any]:
     dict(r, split=split, batch=cfg.eval_batch_size, workers=cfg.num_workers)
   )
   return dict(
-    settings={k: v for k, v in vars(args).items() if k != "json"},
+    settings=cli_flags.values(args, exclude=("json",)),
     data=dict(data_dir=args.data_dir or "synthetic (temporary)", split=split),
     model=dict(
       image_size=cfg.image_size,
@@ -185,51 +186,73 @@ def run(args: argparse.Namespace, work_dir: str) -> dict[str, Any]:
   )
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string(
+    "config",
+    None,
+    "Config file[:variant] (default: configs/synthetic.py, with --tiny "
+    "configs/tiny.py).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "data_dir",
+    None,
+    "A prepared data directory to score instead of generated data.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "num_images",
+    1000,
+    "Synthetic images to generate (8% of them form each eval split).",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "split", None, "Split to score (default: input.val_split).", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "batch",
+    None,
+    "Global eval batch (default: the config's).",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "workers",
+    None,
+    "Grain workers (default: the config's).",
+    lower_bound=0,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "devices",
+    None,
+    "Devices of the mesh (default: all).",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "repeats", 3, "Timed passes.", lower_bound=1, flag_values=fv
+  )
+  flags.DEFINE_string(
+    "json", None, "Also write the results to this JSON file.", flag_values=fv
+  )
+  flags.DEFINE_bool(
+    "tiny",
+    False,
+    f"configs/tiny.py smoke run; overrides {sorted(_TINY)}.",
+    flag_values=fv,
+  )
+
+
+def parse_args(argv: Sequence[str] | None) -> flags.FlagValues:
   """The command-line flags (see the module docstring)."""
-  p = argparse.ArgumentParser(
-    prog="python -m bench.evaluation",
-    description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  args = cli_flags.parse(
+    argv, _define, program="python -m bench.evaluation", doc=__doc__
   )
-  p.add_argument(
-    "--config",
-    help="config file[:variant] (default: configs/synthetic.py, with --tiny "
-    "configs/tiny.py)",
-  )
-  p.add_argument(
-    "--data_dir",
-    help="a prepared data directory to score instead of generated data",
-  )
-  p.add_argument(
-    "--num_images",
-    type=int,
-    default=1000,
-    help="synthetic images to generate (8%% of them form each eval split)",
-  )
-  p.add_argument("--split", help="split to score (default: input.val_split)")
-  p.add_argument(
-    "--batch", type=int, help="global eval batch (default: the config's)"
-  )
-  p.add_argument(
-    "--workers", type=int, help="grain workers (default: the config's)"
-  )
-  p.add_argument(
-    "--devices", type=int, help="devices of the mesh (default: all)"
-  )
-  p.add_argument("--repeats", type=int, default=3, help="timed passes")
-  p.add_argument("--json", help="also write the results to this JSON file")
-  p.add_argument(
-    "--tiny",
-    action="store_true",
-    help=f"configs/tiny.py smoke run; overrides {sorted(_TINY)}",
-  )
-  args = p.parse_args(argv)
   if args.tiny:
-    vars(args).update(_TINY)
+    cli_flags.override(args, _TINY)
   args.config = args.config or _CONFIGS[args.tiny]
-  if args.repeats < 1 or (args.batch is not None and args.batch < 1):
-    p.error("Need --repeats >= 1 and --batch >= 1.")
   return args
 
 

@@ -22,7 +22,6 @@ SIDE 16 with the defaults.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import time
@@ -33,12 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 
 from bench import common
 from jmceln_jax.evaluation import metrics
 from jmceln_jax.models import position
 from jmceln_jax.models.jmceln import JMCELNDecoder
 from jmceln_jax.training import losses
+from jmceln_jax.utils import cli_flags
 
 WORDS = {"horizontal": ("left", "middle", "right"), "vertical": (
   "top", "middle", "bottom")}  # fmt: skip
@@ -133,7 +134,7 @@ def probe_miou(
   return float(jnp.mean(jnp.where(u > 0, i / jnp.maximum(u, 1), 0.0)))
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: flags.FlagValues) -> dict[str, Any]:
   """Every option and seed; prints one row per option."""
   table = common.Table(
     [("option", "option", "s"), ("mean", "mIoU mean", ".3f")]
@@ -154,41 +155,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     table.row(row)
     rows.append(row)
   return dict(
-    settings={k: v for k, v in vars(args).items() if k != "json"},
+    settings=cli_flags.values(args, exclude=("json",)),
     results=rows,
   )
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer(
+    "side",
+    28,
+    "Decoder map side (a multiple of 4).",
+    lower_bound=4,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "steps", 300, "Adam steps.", lower_bound=1, flag_values=fv
+  )
+  cli_flags.define_numbers(
+    fv, "seeds", [0, 1], "Comma-separated seeds.", minimum=0
+  )
+  cli_flags.define_choices(
+    fv,
+    "options",
+    list(OPTIONS),
+    "Comma-separated position options.",
+    {o: o for o in OPTIONS},
+  )
+  flags.DEFINE_string(
+    "json", None, "Also write the results to this JSON file.", flag_values=fv
+  )
+  flags.DEFINE_bool(
+    "tiny", False, "Side 8, 2 steps, one seed (smoke).", flag_values=fv
+  )
+  cli_flags.validate(
+    fv, "side", lambda v: v % 4 == 0, "--side: give a multiple of 4"
+  )
+
+
+def parse_args(argv: Sequence[str] | None) -> flags.FlagValues:
   """The command-line flags (see the module docstring)."""
-  p = argparse.ArgumentParser(
-    prog="python -m bench.position_probe",
-    description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  args = cli_flags.parse(
+    argv, _define, program="python -m bench.position_probe", doc=__doc__
   )
-  p.add_argument("--side", type=int, default=28, help="decoder map side")
-  p.add_argument("--steps", type=int, default=300, help="Adam steps")
-  p.add_argument(
-    "--seeds",
-    type=common.int_list("--seeds", minimum=0),
-    default=[0, 1],
-    help="comma-separated seeds",
-  )
-  p.add_argument(
-    "--options",
-    type=common.choice_list("--options", {o: o for o in OPTIONS}),
-    default=list(OPTIONS),
-    help="comma-separated position options",
-  )
-  p.add_argument("--json", help="also write the results to this JSON file")
-  p.add_argument(
-    "--tiny", action="store_true", help="side 8, 2 steps, one seed (smoke)"
-  )
-  args = p.parse_args(argv)
   if args.tiny:
-    args.side, args.steps, args.seeds = 8, 2, [0]
-  if args.side < 4 or args.side % 4 or args.steps < 1:
-    p.error("Need --side a multiple of 4 (>= 4) and --steps >= 1.")
+    cli_flags.override(args, dict(side=8, steps=2, seeds=[0]))
   return args
 
 

@@ -12,16 +12,17 @@ into one. No timing: a property of the initialisation.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
 from bench import common
 from jmceln_jax.models.cascade import Cascade
+from jmceln_jax.utils import cli_flags
 
 
 def query_cosine(std: float, dim: int, side: int, seed: int = 0) -> float:
@@ -37,25 +38,26 @@ def query_cosine(std: float, dim: int, side: int, seed: int = 0) -> float:
   return float(stages[0]["query_cosine"])
 
 
+def _define(fv: flags.FlagValues) -> None:
+  cli_flags.define_numbers(
+    fv, "stds", [0.02, 0.1, 1.0], "q^0 stds.", kind=float, minimum=1e-9
+  )
+  cli_flags.define_numbers(fv, "dims", [64, 1024], "Channel widths C.")
+  flags.DEFINE_integer(
+    "side", 52, "Feature map side.", lower_bound=1, flag_values=fv
+  )
+  flags.DEFINE_bool("tiny", False, "Smoke test: C 16, 4x4.", flag_values=fv)
+  flags.DEFINE_string(
+    "json", None, "Also write the results to this JSON file.", flag_values=fv
+  )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(
-    prog="python -m bench.query_init", description=__doc__.split("\n\n")[0]
+  args = cli_flags.parse(
+    argv, _define, program="python -m bench.query_init", doc=__doc__
   )
-  p.add_argument(
-    "--stds",
-    type=common.number_list("--stds", float, 1e-9),
-    default=[0.02, 0.1, 1.0],
-    help="q^0 stds",
-  )
-  p.add_argument(
-    "--dims", type=common.int_list("--dims"), default=[64, 1024], help="C"
-  )
-  p.add_argument("--side", type=int, default=52, help="feature map side")
-  p.add_argument("--tiny", action="store_true", help="smoke test: C 16, 4x4")
-  p.add_argument("--json", default=None, help="also write results here")
-  args = p.parse_args(argv)
   if args.tiny:
-    args.dims, args.side = [16], 4
+    cli_flags.override(args, dict(dims=[16], side=4))
 
   def run() -> dict[str, Any]:
     table = common.Table(

@@ -6,7 +6,7 @@ r"""The full JMCELN training step: speed, FLOPs, MFU, compile time, memory.
 For each compute dtype (`config.model.dtype`; parameters stay float32), and
 each --scan_layers setting when given (`--scan_layers true,false` compares
 scanned and unrolled CLIP blocks side by side), it runs the trainer's exact
-step (`trainer.build_setup` + `model_state.jit_train_step`: loss, gradients, the
+step (`model_state.build_setup` + `model_state.jit_train_step`: loss, gradients, the
 config's optimiser, mesh and sharding, donated state) from a random init on a
 random batch of --per_device_batch examples per device, and reports:
 
@@ -30,7 +30,6 @@ batch. `--tiny` runs configs/tiny.py (minutes on 2 CPU cores).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -41,9 +40,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
 from bench import common
 from jmceln_jax.training import costs, model_state, sharding
+from jmceln_jax.utils import cli_flags
 
 _PACKAGES = common.JAX_PACKAGES
 _MATMUL_WARMUP, _MATMUL_REPEATS = 1, 5
@@ -182,7 +183,7 @@ def measure_step(
   )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: flags.FlagValues) -> dict[str, Any]:
   """Measures the step for every setting, between two matmul peaks."""
   base = common.load_config(args.config)
   devices = costs.select_devices(args.devices)
@@ -251,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       )
     )
   return dict(
-    settings={k: v for k, v in vars(args).items() if k != "json"},
+    settings=cli_flags.values(args, exclude=("json",)),
     model=dict(
       image_size=base.input.image_size,
       max_len=base.input.max_len,
@@ -262,74 +263,84 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   )
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string(
+    "config",
+    None,
+    "Config file[:variant] (default: configs/refcoco.py, with --tiny "
+    "configs/tiny.py), e.g. configs/refcoco.py:wo_pan.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "per_device_batch",
+    1,
+    "Examples per device and step (the paper: 10 on an A100).",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  cli_flags.define_choices(
+    fv,
+    "dtype",
+    ["float32", "bfloat16"],
+    "Compute dtypes (config.model.dtype), comma-separated.",
+    {"float32": "float32", "bfloat16": "bfloat16"},
+  )
+  flags.DEFINE_bool(
+    "remat",
+    None,
+    "Rematerialise the cascade stages (config.model.remat; default: the config's).",
+    flag_values=fv,
+  )
+  cli_flags.define_choices(
+    fv,
+    "scan_layers",
+    None,
+    "Scan CLIP's identical blocks (config.model.scan_layers), comma-separated "
+    "for rows side by side, e.g. true,false (default: the config's).",
+    {"true": True, "false": False},
+  )
+  flags.DEFINE_integer(
+    "devices",
+    None,
+    "Devices of the mesh (default: all of JAX's default backend).",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "steps", 3, "Timed steps.", lower_bound=1, flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "warmup", 1, "Untimed steps after the first.", lower_bound=0, flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "matmul_size",
+    None,
+    "Side of the peak-FLOP/s matmul (default: 2048 on CPU, else 8192).",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer("seed", 0, "Batch contents.", flag_values=fv)
+  flags.DEFINE_string(
+    "json", None, "Also write the results to this JSON file.", flag_values=fv
+  )
+  flags.DEFINE_bool(
+    "tiny",
+    False,
+    f"configs/tiny.py smoke run; overrides {sorted(_TINY)}.",
+    flag_values=fv,
+  )
+
+
+def parse_args(argv: Sequence[str] | None) -> flags.FlagValues:
   """The command-line flags (see the module docstring)."""
-  p = argparse.ArgumentParser(
-    prog="python -m bench.train_step",
-    description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  args = cli_flags.parse(
+    argv, _define, program="python -m bench.train_step", doc=__doc__
   )
-  p.add_argument(
-    "--config",
-    help="config file[:variant] (default: configs/refcoco.py, with --tiny "
-    "configs/tiny.py), e.g. configs/refcoco.py:wo_pan",
-  )
-  p.add_argument(
-    "--per_device_batch",
-    type=int,
-    default=1,
-    help="examples per device and step (the paper: 10 on an A100)",
-  )
-  p.add_argument(
-    "--dtype",
-    type=common.choice_list(
-      "--dtype", {"float32": "float32", "bfloat16": "bfloat16"}
-    ),
-    default=["float32", "bfloat16"],
-    help="compute dtypes (config.model.dtype), comma-separated",
-  )
-  p.add_argument(
-    "--remat",
-    action=argparse.BooleanOptionalAction,
-    help="rematerialise the cascade stages (config.model.remat; default: "
-    "the config's)",
-  )
-  p.add_argument(
-    "--scan_layers",
-    type=common.choice_list("--scan_layers", {"true": True, "false": False}),
-    help="scan CLIP's identical blocks (config.model.scan_layers), "
-    "comma-separated for rows side by side, e.g. true,false (default: the "
-    "config's)",
-  )
-  p.add_argument(
-    "--devices",
-    type=int,
-    help="devices of the mesh (default: all of JAX's default backend)",
-  )
-  p.add_argument("--steps", type=int, default=3, help="timed steps")
-  p.add_argument(
-    "--warmup", type=int, default=1, help="untimed steps after the first"
-  )
-  p.add_argument(
-    "--matmul_size",
-    type=int,
-    help="side of the peak-FLOP/s matmul (default: 2048 on CPU, else 8192)",
-  )
-  p.add_argument("--seed", type=int, default=0, help="batch contents")
-  p.add_argument("--json", help="also write the results to this JSON file")
-  p.add_argument(
-    "--tiny",
-    action="store_true",
-    help=f"configs/tiny.py smoke run; overrides {sorted(_TINY)}",
-  )
-  args = p.parse_args(argv)
   if args.tiny:
-    vars(args).update(_TINY)
+    cli_flags.override(args, _TINY)
   args.config = args.config or _CONFIGS[args.tiny]
   if args.matmul_size is None:
     args.matmul_size = 2048 if jax.default_backend() == "cpu" else 8192
-  if min(args.per_device_batch, args.steps, args.matmul_size) < 1:
-    p.error("Need --per_device_batch, --steps and --matmul_size >= 1.")
   return args
 
 

@@ -1,6 +1,6 @@
 """Counts, sentence lengths and a picture grid of a prepared split.
 
-  python -m data_prep.inspect data/synthetic --split val --out grid.png
+  python -m data_prep.inspect --data_dir data/synthetic --split val --out grid.png
 
 Prints the numbers of refs, sentences and images, histograms of sentence
 length in words and (when jmceln_jax.data.tokenizer and its vocabulary are available) in
@@ -11,7 +11,6 @@ below.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import io
 import sys
@@ -19,10 +18,11 @@ import textwrap
 from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
 from PIL import Image, ImageDraw, ImageFilter
 
 from jmceln_jax.data import records
-from jmceln_jax.utils import paths
+from jmceln_jax.utils import cli_flags, paths
 
 _OVERLAY = np.array([255, 40, 200], np.float32)  # Magenta: rare in photos.
 _ALPHA = 0.3  # Opacity of the overlay inside the mask.
@@ -103,24 +103,33 @@ def grid(
   return out
 
 
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Prepared data folder (--out of data_prep).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string("split", "train", "Split to inspect.", flag_values=fv)
+  flags.DEFINE_string(
+    "out", None, "PNG path of the sample grid.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "num", 16, "Refs in the grid.", lower_bound=1, flag_values=fv
+  )
+  flags.DEFINE_integer("seed", 0, "Picks the refs.", flag_values=fv)
+  flags.DEFINE_integer(
+    "cols", 4, "Grid columns.", lower_bound=1, flag_values=fv
+  )
+  flags.mark_flag_as_required("data_dir", flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point (see the module docstring)."""
-  p = argparse.ArgumentParser(
-    prog="python -m data_prep.inspect",
-    description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  args = cli_flags.parse(
+    argv, _define, program="python -m data_prep.inspect", doc=__doc__
   )
-  p.add_argument(
-    "data_dir",
-    type=paths.absolute,
-    help="prepared data folder (--out of data_prep)",
-  )
-  p.add_argument("--split", default="train", help="split to inspect")
-  p.add_argument("--out", default=None, help="PNG path of the sample grid")
-  p.add_argument("--num", type=int, default=16, help="refs in the grid")
-  p.add_argument("--seed", type=int, default=0, help="picks the refs")
-  p.add_argument("--cols", type=int, default=4, help="grid columns")
-  args = p.parse_args(argv)
+  args.data_dir = paths.absolute(args.data_dir)
   try:
     manifest = records.read_manifest(args.data_dir, args.split)
   except (FileNotFoundError, records.RecordError) as e:

@@ -8,19 +8,18 @@ manifest that lists every bad entry by id.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import io
 from collections.abc import Iterable
 from typing import Any
 
+from absl import flags
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from data_prep import shards
 from jmceln_jax.data import records
-from jmceln_jax.utils import paths
 
 # Canonical order of the refer splits; unknown split names follow, sorted.
 SPLIT_ORDER = ("train", "val", "test", "testA", "testB", "testC")
@@ -174,22 +173,26 @@ def summary(manifests: dict[str, dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def add_output_flags(parser: argparse.ArgumentParser, splits_help: str) -> None:
+def define_output_flags(fv: flags.FlagValues, splits_help: str) -> None:
   """The converters' shared flags: --out, --splits, --strict, --shard_size.
 
   Args:
-    parser: the converter's parser.
+    fv: the converter's flags.
     splits_help: what --splits names and defaults to for this converter.
   """
-  parser.add_argument(
-    "--out", required=True, type=paths.absolute, help="output root folder"
+  flags.DEFINE_string("out", None, "Output root folder.", flag_values=fv)
+  flags.DEFINE_list("splits", None, splits_help, flag_values=fv)
+  flags.DEFINE_bool(
+    "strict",
+    False,
+    "Stop at the first bad entry instead of listing it.",
+    flag_values=fv,
   )
-  parser.add_argument("--splits", nargs="+", default=None, help=splits_help)
-  parser.add_argument(
-    "--strict",
-    action="store_true",
-    help="stop at the first bad entry instead of listing it",
+  flags.DEFINE_integer(
+    "shard_size",
+    1000,
+    "Records per ArrayRecord shard.",
+    lower_bound=1,
+    flag_values=fv,
   )
-  parser.add_argument(
-    "--shard_size", type=int, default=1000, help="records per ArrayRecord shard"
-  )
+  flags.mark_flag_as_required("out", flag_values=fv)

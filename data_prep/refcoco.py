@@ -15,7 +15,6 @@ always rebuilds and replaces a split only once the new one is complete.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import os
@@ -24,10 +23,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import tqdm
+from absl import flags
 from pycocotools import mask as mask_utils
 
 from data_prep import parallel, prepare, refer_io, shards
-from jmceln_jax.utils import paths
+from jmceln_jax.utils import cli_flags, paths
 
 _REQUIRED_REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 # A polygon mask is out of bounds when less than this share of its area lies
@@ -226,40 +226,48 @@ def convert(
   return manifests
 
 
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string(
+    "refer_root",
+    None,
+    "Refer data folder holding <dataset>/refs(<split_by>).p and "
+    "<dataset>/instances.json, or the dataset folder itself.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "coco_images",
+    None,
+    "Folder of COCO train2014 JPEGs (or its parent).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "dataset",
+    "refcoco",
+    "refcoco, refcoco+, refcocog (or a synthetic name).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string("split_by", "unc", "unc, umd or google.", flag_values=fv)
+  prepare.define_output_flags(
+    fv, "Splits to write, comma-separated (default: all in the refs file)."
+  )
+  flags.DEFINE_integer(
+    "num_workers",
+    min(8, os.cpu_count() or 1),
+    "Image-decoding processes (0: in this process).",
+    lower_bound=0,
+    flag_values=fv,
+  )
+  flags.mark_flags_as_required(["refer_root", "coco_images"], flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point (see the module docstring)."""
-  p = argparse.ArgumentParser(
-    prog="python -m data_prep.refcoco",
-    description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  args = cli_flags.parse(
+    argv, _define, program="python -m data_prep.refcoco", doc=__doc__
   )
-  p.add_argument(
-    "--refer_root",
-    required=True,
-    type=paths.absolute,
-    help="refer data folder holding <dataset>/refs(<split_by>).p"
-    " and <dataset>/instances.json, or the dataset folder itself",
-  )
-  p.add_argument(
-    "--coco_images",
-    required=True,
-    type=paths.absolute,
-    help="folder of COCO train2014 JPEGs (or its parent)",
-  )
-  p.add_argument(
-    "--dataset",
-    default="refcoco",
-    help="refcoco, refcoco+, refcocog (or a synthetic name)",
-  )
-  p.add_argument("--split_by", default="unc", help="unc, umd or google")
-  prepare.add_output_flags(p, "splits to write (default: all in the refs file)")
-  p.add_argument(
-    "--num_workers",
-    type=int,
-    default=min(8, os.cpu_count() or 1),
-    help="image-decoding processes (0: in this process)",
-  )
-  args = p.parse_args(argv)
+  args.refer_root = paths.absolute(args.refer_root)
+  args.coco_images = paths.absolute(args.coco_images)
+  args.out = paths.absolute(args.out)
   try:
     manifests = convert(
       args.refer_root,

@@ -33,7 +33,6 @@ occluded) and sentences an extra "kind"; refer-format readers ignore both.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import io
 import json
@@ -46,12 +45,13 @@ from typing import Any
 
 import numpy as np
 import tqdm
+from absl import flags
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from data_prep import expressions, parallel, position_probe, scenes, shards
 from data_prep.expressions import ExpressionConfig
-from jmceln_jax.utils import paths
+from jmceln_jax.utils import cli_flags, paths
 
 SPLITS = ("train", "val", "testA", "testB")
 EVAL_FRACTION = 0.08  # Of all images, for each of val, testA and testB.
@@ -295,48 +295,51 @@ def generate(
   return dict(counts={s: dict(c) for s, c in counts.items()}, kinds=dict(kinds))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Command-line entry point (see the module docstring)."""
-  p = argparse.ArgumentParser(
-    prog="python -m data_prep.synthetic",
-    description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string(
+    "out", None, "Root folder; gets <name>/ and images/.", flag_values=fv
   )
-  p.add_argument(
-    "--out",
-    required=True,
-    type=paths.absolute,
-    help="root folder; gets <name>/ and images/",
+  flags.DEFINE_integer(
+    "num_images",
+    3000,
+    "Images over all splits; val, testA and testB get "
+    f"{EVAL_FRACTION * 100:.0f}% each.",
+    lower_bound=1,
+    flag_values=fv,
   )
-  p.add_argument(
-    "--num_images",
-    type=int,
-    default=3000,
-    help="images over all splits; val, testA and testB get "
-    f"{EVAL_FRACTION * 100:.0f}%% each",
-  )
-  p.add_argument("--seed", type=int, default=0, help="dataset seed")
-  p.add_argument(
-    "--preset",
-    default="default",
-    choices=sorted(PRESETS),
-    help="what is drawn and said: default (coloured shapes, mostly colour "
+  flags.DEFINE_integer("seed", 0, "Dataset seed.", flag_values=fv)
+  flags.DEFINE_enum(
+    "preset",
+    "default",
+    sorted(PRESETS),
+    "What is drawn and said: default (coloured shapes, mostly colour "
     "words), balanced (the six kinds of expression in equal shares, shared "
     "colours) or position (three identical shapes told apart by position "
-    "words)",
+    "words).",
+    flag_values=fv,
   )
-  p.add_argument(
-    "--name",
-    default="synthetic",
-    help="dataset folder name (the --dataset of data_prep.refcoco)",
+  flags.DEFINE_string(
+    "name",
+    "synthetic",
+    "Dataset folder name (the --dataset of data_prep.refcoco).",
+    flag_values=fv,
   )
-  p.add_argument(
-    "--num_workers",
-    type=int,
-    default=min(8, os.cpu_count() or 1),
-    help="drawing processes (0: this process); the output does not change",
+  flags.DEFINE_integer(
+    "num_workers",
+    min(8, os.cpu_count() or 1),
+    "Drawing processes (0: this process); the output does not change.",
+    lower_bound=0,
+    flag_values=fv,
   )
-  args = p.parse_args(argv)
+  flags.mark_flag_as_required("out", flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point (see the module docstring)."""
+  args = cli_flags.parse(
+    argv, _define, program="python -m data_prep.synthetic", doc=__doc__
+  )
+  args.out = paths.absolute(args.out)
   start = time.perf_counter()
   info = generate(
     args.out,

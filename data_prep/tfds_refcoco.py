@@ -28,7 +28,6 @@ tfds layout read here, one example per image (field names of ref_coco 1.1.0):
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,11 +35,12 @@ from typing import Any
 
 import numpy as np
 import tqdm
+from absl import flags
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from data_prep import prepare, shards
-from jmceln_jax.utils import paths
+from jmceln_jax.utils import cli_flags, paths
 
 SPLIT_NAMES = {"validation": "val"}  # tfds split -> refer split.
 # The builder configs of tfds's ref_coco (version 1.1.0).
@@ -209,27 +209,33 @@ def open_tfds(
   }
 
 
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string(
+    "tfds_data_dir",
+    None,
+    "tfds data folder holding ref_coco/ (default: tfds's).",
+    flag_values=fv,
+  )
+  flags.DEFINE_enum(
+    "config",
+    "refcoco_unc",
+    list(TFDS_CONFIGS),
+    "The ref_coco builder config.",
+    flag_values=fv,
+  )
+  prepare.define_output_flags(
+    fv, "tfds split names, comma-separated (default: all built)."
+  )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point (see the module docstring)."""
-  p = argparse.ArgumentParser(
-    prog="python -m data_prep.tfds_refcoco",
-    description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  args = cli_flags.parse(
+    argv, _define, program="python -m data_prep.tfds_refcoco", doc=__doc__
   )
-  p.add_argument(
-    "--tfds_data_dir",
-    default=None,
-    type=paths.absolute,
-    help="tfds data folder holding ref_coco/ (default: tfds's)",
-  )
-  p.add_argument(
-    "--config",
-    default="refcoco_unc",
-    choices=TFDS_CONFIGS,
-    help="the ref_coco builder config",
-  )
-  prepare.add_output_flags(p, "tfds split names (default: all built)")
-  args = p.parse_args(argv)
+  if args.tfds_data_dir:
+    args.tfds_data_dir = paths.absolute(args.tfds_data_dir)
+  args.out = paths.absolute(args.out)
   try:
     sources = open_tfds(args.config, args.tfds_data_dir, args.splits)
     source = dict(

@@ -7,8 +7,6 @@ model). Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import contextlib
 from collections.abc import Iterator
 
@@ -16,6 +14,7 @@ from absl import flags
 
 from jmceln_jax import config_lib
 from jmceln_jax.training import checkpoints, model_state
+from jmceln_jax.utils import cli_flags
 
 USER_ERRORS = (
   FileNotFoundError,
@@ -37,23 +36,6 @@ def user_errors() -> Iterator[None]:
     raise SystemExit(f"error: {e}") from None
 
 
-def _message(error: BaseException) -> str:
-  """An exception's text, unquoted (ml_collections wraps its KeyErrors'
-  repr, newlines escaped, in an AttributeError), without the traceback a
-  config file's own error carries, with its cause."""
-  text = str(error)
-  if text[:1] in "'\"":
-    with contextlib.suppress(ValueError, SyntaxError):
-      text = str(ast.literal_eval(text))
-  if "Traceback" in text:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    text = f"{lines[0]} {lines[-1]}"
-  cause = error.__cause__
-  if cause is None or str(cause) in text:
-    return text
-  return f"{text} ({cause})"
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing for `app.run(main, flags_parser=cli.parse_flags)`.
 
@@ -70,9 +52,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     # Only absl's help flags exit while parsing, after printing the usage.
     raise SystemExit(0 if e.code == 1 else e.code) from None
   except flags.Error as e:
-    raise SystemExit(f"error: {_message(e)}\nPass --help for usage.") from None
+    cli_flags.fail(cli_flags.message(e))
   except (OSError, AttributeError, KeyError, TypeError, ValueError) as e:
-    raise SystemExit(f"error: bad --config: {_message(e)}") from None
+    raise SystemExit(f"error: bad --config: {cli_flags.message(e)}") from None
   return rest
 
 
@@ -89,24 +71,3 @@ def define_checkpoint_flag() -> None:
     model_state.is_checkpoint,
     f"--checkpoint must be {model_state.CHECKPOINT_VALUES}.",
   )
-
-
-def checkpoint_arg(value: str) -> str:
-  """argparse type of --checkpoint."""
-  if not model_state.is_checkpoint(value):
-    raise argparse.ArgumentTypeError(f"use {model_state.CHECKPOINT_VALUES}")
-  return value
-
-
-def png_arg(value: str) -> str:
-  """argparse type of an output PNG file name."""
-  if not value.lower().endswith(".png"):
-    raise argparse.ArgumentTypeError(f"{value}: give a .png file name")
-  return value
-
-
-def sentence_arg(value: str) -> str:
-  """argparse type of a referring expression."""
-  if not value.strip():
-    raise argparse.ArgumentTypeError("a sentence must not be empty")
-  return value

@@ -16,41 +16,48 @@ checkpoints) and is initialised randomly from --seed.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
+from absl import flags
+
 from jmceln_jax.convert import clip_weights, torch_pickle
+from jmceln_jax.utils import cli_flags
+
+
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "OpenAI CLIP .pt (e.g. RN101.pt), torch.save archive or .safetensors.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "out",
+    None,
+    "Output directory (created; must be absent or empty).",
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace a non-empty --out once the conversion has succeeded.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "seed",
+    0,
+    "Seed of the randomly initialised dense-pool `connect` weights.",
+    flag_values=fv,
+  )
+  flags.mark_flags_as_required(["checkpoint", "out"], flag_values=fv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; returns the process exit code."""
-  parser = argparse.ArgumentParser(
-    prog="python -m jmceln_jax.convert_clip",
-    description=__doc__.split("\n\n")[0],
+  args = cli_flags.parse(
+    argv, _define, program="python -m jmceln_jax.convert_clip", doc=__doc__
   )
-  parser.add_argument(
-    "--checkpoint",
-    required=True,
-    help="OpenAI CLIP .pt (e.g. RN101.pt), torch.save archive or .safetensors.",
-  )
-  parser.add_argument(
-    "--out",
-    required=True,
-    help="Output directory (created; must be absent or empty).",
-  )
-  parser.add_argument(
-    "--overwrite",
-    action="store_true",
-    help="Replace a non-empty --out once the conversion has succeeded.",
-  )
-  parser.add_argument(
-    "--seed",
-    type=int,
-    default=0,
-    help="Seed of the randomly initialised dense-pool `connect` weights.",
-  )
-  args = parser.parse_args(argv)
   try:
     clip_weights.convert(
       args.checkpoint, args.out, overwrite=args.overwrite, seed=args.seed

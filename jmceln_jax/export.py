@@ -36,9 +36,7 @@ from jmceln_jax.utils import paths
 def define_flags() -> None:
   """The command-line flags (defined only when run as a program)."""
   flags.DEFINE_string("workdir", None, "Training run directory.")
-  flags.DEFINE_string(
-    "out", None, "New folder to stablehlo.write the export to."
-  )
+  flags.DEFINE_string("out", None, "New folder to write the export to.")
   cli.define_checkpoint_flag()
   flags.DEFINE_list(
     "platforms",

@@ -6,14 +6,14 @@ r"""Segments what a sentence refers to in any image, with a trained workdir.
 
 From Python:
 
-  from jmceln_jax.predict import inference.Predictor
-  predictor = inference.Predictor.from_workdir("runs/refcoco")
+  from jmceln_jax.serving.inference import Predictor
+  predictor = Predictor.from_workdir("runs/refcoco")
   masks = predictor("photo.jpg", ["the dog on the left"])  # [N, h, w] bool
 
 The preprocessing is the training pipeline's own (preprocess.prepare_image:
 EXIF rotation, any PIL mode to RGB, letterbox to S x S, CLIP normalisation;
-tokenizer.tokenize with input.max_len), and masks are mapped back to the original
-resolution exactly as evaluation's "original" convention scores them
+tokenizer.tokenize with input.max_len), and masks are mapped back to the
+original resolution exactly as evaluation's "original" convention scores them
 (preprocess.unletterbox_numpy, then argmax of the 2 classes). The checkpoint
 is restored once onto one device; the forward pass is compiled once per
 sentence-batch bucket (1, 2, 4, ... up to `max_batch`).
@@ -21,13 +21,13 @@ sentence-batch bucket (1, 2, 4, ... up to `max_batch`).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
 from PIL import UnidentifiedImageError
 
 from jmceln_jax import cli
@@ -35,6 +35,7 @@ from jmceln_jax.data import preprocess, tokenizer
 from jmceln_jax.evaluation import visualize
 from jmceln_jax.serving import inference
 from jmceln_jax.training import model_state
+from jmceln_jax.utils import cli_flags
 
 
 def mask_paths(path: str, n: int) -> list[str]:
@@ -45,51 +46,74 @@ def mask_paths(path: str, n: int) -> list[str]:
   return [f"{stem}_{k}{ext or '.png'}" for k in range(n)]
 
 
-def _parse(argv: Sequence[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-    prog="python -m jmceln_jax.predict",
-    description="Segment the object each sentence refers to in an image.",
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string(
+    "workdir", None, "Training run directory.", flag_values=fv
   )
-  p.add_argument("--workdir", required=True, help="training run directory")
-  p.add_argument("--image", required=True, help="image file (any size/mode)")
-  p.add_argument(
-    "--text",
-    action="append",
-    required=True,
-    type=cli.sentence_arg,
-    help="referring expression; repeat for several (one panel each)",
+  flags.DEFINE_string(
+    "image", None, "Image file (any size or mode).", flag_values=fv
   )
-  p.add_argument(
-    "--out",
-    required=True,
-    type=cli.png_arg,
-    help="PNG to write: overlays with captions",
+  flags.DEFINE_multi_string(
+    "text",
+    None,
+    "Referring expression; repeat for several (one panel each).",
+    flag_values=fv,
   )
-  p.add_argument(
-    "--checkpoint",
-    default="best",
-    type=cli.checkpoint_arg,
-    help="best (by validation mIoU, else latest), latest or a step number",
+  flags.DEFINE_string(
+    "out", None, "PNG to write: overlays with captions.", flag_values=fv
   )
-  p.add_argument(
-    "--mask_out",
-    type=cli.png_arg,
-    help="also write the raw mask(s) at original size as 0/255 PNG "
-    "(several sentences: <stem>_<k>.png)",
+  flags.DEFINE_string(
+    "checkpoint",
+    "best",
+    "best (by validation mIoU, else latest), latest or a step number.",
+    flag_values=fv,
   )
-  p.add_argument(
-    "--display_size",
-    type=int,
-    default=512,
-    help="longer side of each panel in --out, in pixels",
+  flags.DEFINE_string(
+    "mask_out",
+    None,
+    "Also write the raw mask(s) at original size as 0/255 PNG (several "
+    "sentences: <stem>_<k>.png).",
+    flag_values=fv,
   )
-  args = p.parse_args(argv)
-  if args.display_size < 64:
-    p.error(f"--display_size {args.display_size}: give at least 64 pixels")
-  return args
+  flags.DEFINE_integer(
+    "display_size",
+    512,
+    "Longer side of each panel in --out, in pixels.",
+    flag_values=fv,
+  )
+  flags.mark_flags_as_required(
+    ["workdir", "image", "text", "out"], flag_values=fv
+  )
+  png = lambda v: v.lower().endswith(".png")  # noqa: E731
+  cli_flags.validate(fv, "out", png, "--out: give a .png file name")
+  cli_flags.validate(fv, "mask_out", png, "--mask_out: give a .png file name")
+  cli_flags.validate(
+    fv,
+    "checkpoint",
+    model_state.is_checkpoint,
+    f"--checkpoint: use {model_state.CHECKPOINT_VALUES}",
+  )
+  cli_flags.validate(
+    fv,
+    "text",
+    lambda texts: all(t.strip() for t in texts),
+    "--text: a sentence must not be empty",
+  )
+  cli_flags.validate(
+    fv,
+    "display_size",
+    lambda v: v >= 64,
+    "--display_size: give at least 64 pixels",
+  )
 
 
-def _run(args: argparse.Namespace) -> None:
+def _parse(argv: Sequence[str] | None) -> flags.FlagValues:
+  return cli_flags.parse(
+    argv, _define, program="python -m jmceln_jax.predict", doc=__doc__
+  )
+
+
+def _run(args: flags.FlagValues) -> None:
   # Missing or unreadable inputs fail before slow loading.
   model_state.checkpoints_dir(args.workdir, args.checkpoint)
   try:
@@ -140,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   Args:
     argv: the arguments after the program name (default sys.argv[1:]).
   """
-  args = _parse(sys.argv[1:] if argv is None else argv)
+  args = _parse(argv)
   with cli.user_errors():
     _run(args)
 

@@ -117,10 +117,6 @@ def test_common_helpers(capsys):
     "a" + " " * 12 + "1.3",
     "b" + " " * 14 + "-",
   ]
-  with pytest.raises(Exception, match="--x wants comma-separated integers"):
-    common.int_list("--x")("1,0")
-  assert common.int_list("--x", minimum=0)("0, 2") == [0, 2]
-  assert common.number_list("--s", float, 0.0)("0.02,1") == [0.02, 1.0]
 
 
 def test_query_init_tiny(tmp_path, capsys):

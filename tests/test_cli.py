@@ -54,12 +54,40 @@ def test_train_config_mistakes(tmp_path, args, message):
   assert not workdir.exists()  # Nothing created.
 
 
-@pytest.mark.parametrize(
-  "program", ["train", "evaluate", "summary", "export", "demo"]
-)
+PROGRAMS = [
+  *(
+    f"jmceln_jax.{name}"
+    for name in (
+      "train",
+      "evaluate",
+      "summary",
+      "export",
+      "demo",
+      "predict",
+      "convert_clip",
+    )
+  ),
+  *(f"data_prep.{n}" for n in ("synthetic", "refcoco", "inspect")),
+  *(
+    f"bench.{n}"
+    for n in (
+      "ablations",
+      "data",
+      "encoders",
+      "evaluation",
+      "position_probe",
+      "query_init",
+      "train_step",
+    )
+  ),
+]
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
 def test_help_exits_zero(program):
+  """Every command line: absl flags, --help lists them and exits 0."""
   run = subprocess.run(
-    [sys.executable, "-m", f"jmceln_jax.{program}", "--help"],
+    [sys.executable, "-m", program, "--help"],
     capture_output=True,
     text=True,
     cwd=ROOT,
@@ -67,24 +95,45 @@ def test_help_exits_zero(program):
     timeout=300,
   )
   assert run.returncode == 0, run.stderr
-  assert "--workdir" in run.stdout or "--config" in run.stdout
+  assert "absl" not in run.stderr
+  assert "  --" in run.stdout and "--helpfull" not in run.stderr
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_unknown_flag_is_one_error_line(program):
+  run = subprocess.run(
+    [sys.executable, "-m", program, "--nosuch=1"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    timeout=300,
+  )
+  assert run.returncode == 1, run.stderr
+  assert run.stderr.startswith("error: ") and "nosuch" in run.stderr
+  assert run.stderr.rstrip().endswith("Pass --help for usage.")
+  assert "Traceback" not in run.stderr
 
 
 @pytest.mark.parametrize(
   "args,message",
   [
     (["--checkpoint", "bset"], "use best, latest or a step number"),
+    (["--workdir"], "Missing value for flag --workdir"),
+    (["--out", "x.png", "extra"], "unexpected arguments: extra"),
     (["--text", "  "], "must not be empty"),
     (["--mask_out", "m.jpg"], "give a .png file name"),
     (["--display_size", "0"], "at least 64 pixels"),
   ],
 )
-def test_predict_argument_mistakes(capsys, args, message):
-  with pytest.raises(SystemExit):
+def test_predict_argument_mistakes(args, message):
+  with pytest.raises(SystemExit) as exit_:
     predict._parse(
       ["--workdir", "w", "--image", "i", "--text", "t", "--out", "o.png"] + args
     )
-  assert message in capsys.readouterr().err
+  text = str(exit_.value.code)
+  assert text.startswith("error: ") and message in text, text
+  assert text.endswith("Pass --help for usage.")
 
 
 def test_build_model_checks_dtype():

@@ -341,7 +341,18 @@ def test_inspect_prints_counts_and_writes_grid(prepared, tmp_path, capsys):
   png = tmp_path / "grid.png"
   assert (
     inspect_tool.main(
-      [out, "--split", "train", "--out", str(png), "--num", "5", "--cols", "3"]
+      [
+        "--data_dir",
+        out,
+        "--split",
+        "train",
+        "--out",
+        str(png),
+        "--num",
+        "5",
+        "--cols",
+        "3",
+      ]
     )
     == 0
   )
@@ -351,7 +362,7 @@ def test_inspect_prints_counts_and_writes_grid(prepared, tmp_path, capsys):
   assert "words: mean" in printed
   with Image.open(png) as im:
     assert im.width == 3 * 196 and im.height == 2 * (192 + 5 * 12 + 4)
-  assert inspect_tool.main([out, "--split", "nope"]) == 1
+  assert inspect_tool.main(["--data_dir", out, "--split", "nope"]) == 1
 
 
 @pytest.mark.parametrize(

@@ -116,8 +116,7 @@ def test_tfds_examples_give_the_refer_records(tmp_path, decoded_images):
 def test_unknown_config_is_refused(tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_:
     tfds_refcoco.main(["--config", "refcoco", "--out", str(tmp_path / "o")])
-  assert exit_.value.code == 2
-  assert "invalid choice: 'refcoco'" in capsys.readouterr().err
+  assert str(exit_.value.code).startswith("error: flag --config=refcoco:")
   assert not (tmp_path / "o").exists()
 
 
