@@ -229,16 +229,16 @@ def _define(fv: flags.FlagValues) -> None:
   cli_flags.define_numbers(
     fv, "seeds", [0, 1], "Comma-separated training seeds.", minimum=0
   )
-  flags.DEFINE_string(
-    "json", None, "Also write the results to this JSON file.", flag_values=fv
-  )
-  flags.DEFINE_bool("tiny", False, "configs/tiny.py smoke run.", flag_values=fv)
 
 
 def parse_args(argv: Sequence[str] | None) -> flags.FlagValues:
   """The command-line flags (see the module docstring)."""
-  args = cli_flags.parse(
-    argv, _define, program="python -m bench.ablations", doc=__doc__
+  args = common.parse_flags(
+    argv,
+    _define,
+    module="bench.ablations",
+    doc=__doc__,
+    tiny_help="configs/tiny.py smoke run",
   )
   args.config = args.config or _CONFIGS[args.tiny]
   return args

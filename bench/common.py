@@ -20,8 +20,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
 from data_prep import shards
+from jmceln_jax.utils import cli_flags
 
 # The root of the checkout (default config paths are relative to it).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,6 +190,37 @@ def random_tokens(
     row[0], row[n - 1] = vocab_size - 2, vocab_size - 1
     row[1 : n - 1] = rng.integers(1, vocab_size - 2, n - 2)
   return tokens
+
+
+def parse_flags(
+  argv: Sequence[str] | None,
+  define: Callable[[flags.FlagValues], None],
+  *,
+  module: str,
+  doc: str,
+  tiny_help: str,
+  tiny: Mapping[str, Any] | None = None,
+) -> flags.FlagValues:
+  """A bench script's flags: its own (`define`), then --json (where
+  save_json writes the results) and --tiny (a smoke run: `tiny`'s values
+  replace the flags it names)."""
+
+  def define_all(fv: flags.FlagValues) -> None:
+    define(fv)
+    flags.DEFINE_string(
+      "json", None, "Also write the results to this JSON file.", flag_values=fv
+    )
+    text = (
+      f"{tiny_help}; overrides {sorted(tiny)}." if tiny else f"{tiny_help}."
+    )
+    flags.DEFINE_bool("tiny", False, text, flag_values=fv)
+
+  args = cli_flags.parse(
+    argv, define_all, program=f"python -m {module}", doc=doc
+  )
+  if args.tiny and tiny:
+    cli_flags.override(args, tiny)
+  return args
 
 
 def save_json(path: str | None, results: Mapping[str, Any]) -> None:

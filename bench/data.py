@@ -284,24 +284,18 @@ def _define(fv: flags.FlagValues) -> None:
     lower_bound=0,
     flag_values=fv,
   )
-  flags.DEFINE_string(
-    "json", None, "Also write the results to this JSON file.", flag_values=fv
-  )
-  flags.DEFINE_bool(
-    "tiny",
-    False,
-    f"Smoke run of a few seconds; overrides {sorted(_TINY)}.",
-    flag_values=fv,
-  )
 
 
 def parse_args(argv: Sequence[str] | None) -> flags.FlagValues:
   """The command-line flags (see the module docstring)."""
-  args = cli_flags.parse(
-    argv, _define, program="python -m bench.data", doc=__doc__
+  args = common.parse_flags(
+    argv,
+    _define,
+    module="bench.data",
+    doc=__doc__,
+    tiny_help="Smoke run of a few seconds",
+    tiny=_TINY,
   )
-  if args.tiny:
-    cli_flags.override(args, _TINY)
   if args.batch > args.num_images:
     cli_flags.fail("need --batch <= --num_images")
   return args

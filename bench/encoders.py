@@ -369,15 +369,6 @@ def _define(fv: flags.FlagValues) -> None:
     "repeats", 10, "Timed calls.", lower_bound=1, flag_values=fv
   )
   flags.DEFINE_integer("seed", 0, "Weights and inputs.", flag_values=fv)
-  flags.DEFINE_string(
-    "json", None, "Also write the results to this JSON file.", flag_values=fv
-  )
-  flags.DEFINE_bool(
-    "tiny",
-    False,
-    f"Tiny CLIP smoke run; overrides {sorted(_TINY)}.",
-    flag_values=fv,
-  )
   cli_flags.validate(
     fv,
     "image_size",
@@ -388,11 +379,14 @@ def _define(fv: flags.FlagValues) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> flags.FlagValues:
   """The command-line flags (see the module docstring)."""
-  args = cli_flags.parse(
-    argv, _define, program="python -m bench.encoders", doc=__doc__
+  args = common.parse_flags(
+    argv,
+    _define,
+    module="bench.encoders",
+    doc=__doc__,
+    tiny_help="Tiny CLIP smoke run",
+    tiny=_TINY,
   )
-  if args.tiny:
-    cli_flags.override(args, _TINY)
   return args
 
 

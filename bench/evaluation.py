@@ -234,24 +234,18 @@ def _define(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer(
     "repeats", 3, "Timed passes.", lower_bound=1, flag_values=fv
   )
-  flags.DEFINE_string(
-    "json", None, "Also write the results to this JSON file.", flag_values=fv
-  )
-  flags.DEFINE_bool(
-    "tiny",
-    False,
-    f"configs/tiny.py smoke run; overrides {sorted(_TINY)}.",
-    flag_values=fv,
-  )
 
 
 def parse_args(argv: Sequence[str] | None) -> flags.FlagValues:
   """The command-line flags (see the module docstring)."""
-  args = cli_flags.parse(
-    argv, _define, program="python -m bench.evaluation", doc=__doc__
+  args = common.parse_flags(
+    argv,
+    _define,
+    module="bench.evaluation",
+    doc=__doc__,
+    tiny_help="configs/tiny.py smoke run",
+    tiny=_TINY,
   )
-  if args.tiny:
-    cli_flags.override(args, _TINY)
   args.config = args.config or _CONFIGS[args.tiny]
   return args
 

@@ -181,12 +181,6 @@ def _define(fv: flags.FlagValues) -> None:
     "Comma-separated position options.",
     {o: o for o in OPTIONS},
   )
-  flags.DEFINE_string(
-    "json", None, "Also write the results to this JSON file.", flag_values=fv
-  )
-  flags.DEFINE_bool(
-    "tiny", False, "Side 8, 2 steps, one seed (smoke).", flag_values=fv
-  )
   cli_flags.validate(
     fv, "side", lambda v: v % 4 == 0, "--side: give a multiple of 4"
   )
@@ -194,11 +188,14 @@ def _define(fv: flags.FlagValues) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> flags.FlagValues:
   """The command-line flags (see the module docstring)."""
-  args = cli_flags.parse(
-    argv, _define, program="python -m bench.position_probe", doc=__doc__
+  args = common.parse_flags(
+    argv,
+    _define,
+    module="bench.position_probe",
+    doc=__doc__,
+    tiny_help="Side 8, 2 steps, one seed (smoke)",
+    tiny=dict(side=8, steps=2, seeds=[0]),
   )
-  if args.tiny:
-    cli_flags.override(args, dict(side=8, steps=2, seeds=[0]))
   return args
 
 

@@ -46,18 +46,17 @@ def _define(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer(
     "side", 52, "Feature map side.", lower_bound=1, flag_values=fv
   )
-  flags.DEFINE_bool("tiny", False, "Smoke test: C 16, 4x4.", flag_values=fv)
-  flags.DEFINE_string(
-    "json", None, "Also write the results to this JSON file.", flag_values=fv
-  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = cli_flags.parse(
-    argv, _define, program="python -m bench.query_init", doc=__doc__
+  args = common.parse_flags(
+    argv,
+    _define,
+    module="bench.query_init",
+    doc=__doc__,
+    tiny_help="Smoke test: C 16, 4x4",
+    tiny=dict(dims=[16], side=4),
   )
-  if args.tiny:
-    cli_flags.override(args, dict(dims=[16], side=4))
 
   def run() -> dict[str, Any]:
     table = common.Table(

@@ -320,24 +320,18 @@ def _define(fv: flags.FlagValues) -> None:
     flag_values=fv,
   )
   flags.DEFINE_integer("seed", 0, "Batch contents.", flag_values=fv)
-  flags.DEFINE_string(
-    "json", None, "Also write the results to this JSON file.", flag_values=fv
-  )
-  flags.DEFINE_bool(
-    "tiny",
-    False,
-    f"configs/tiny.py smoke run; overrides {sorted(_TINY)}.",
-    flag_values=fv,
-  )
 
 
 def parse_args(argv: Sequence[str] | None) -> flags.FlagValues:
   """The command-line flags (see the module docstring)."""
-  args = cli_flags.parse(
-    argv, _define, program="python -m bench.train_step", doc=__doc__
+  args = common.parse_flags(
+    argv,
+    _define,
+    module="bench.train_step",
+    doc=__doc__,
+    tiny_help="configs/tiny.py smoke run",
+    tiny=_TINY,
   )
-  if args.tiny:
-    cli_flags.override(args, _TINY)
   args.config = args.config or _CONFIGS[args.tiny]
   if args.matmul_size is None:
     args.matmul_size = 2048 if jax.default_backend() == "cpu" else 8192

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from absl import flags
+from absl import flags, logging
 
 from jmceln_jax import config_lib
 from jmceln_jax.training import checkpoints, model_state
@@ -41,8 +41,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
   Loads --config here, so that a config file that does not load, or an
   override naming an unknown field (`--config.optim.lrr=1`), ends in one
-  line before anything runs or is created. --help, --helpfull and --helpxml
-  exit with status 0 (absl's own exit with 1).
+  line before anything runs or is created; so do positional arguments.
+  --help, --helpfull and --helpxml exit with status 0 (absl's own exit
+  with 1). Logging starts at WARNING (Orbax logs every checkpoint operation
+  at INFO) unless --verbosity is given.
   """
   try:
     rest = flags.FLAGS(argv)
@@ -55,6 +57,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     cli_flags.fail(cli_flags.message(e))
   except (OSError, AttributeError, KeyError, TypeError, ValueError) as e:
     raise SystemExit(f"error: bad --config: {cli_flags.message(e)}") from None
+  if len(rest) > 1:
+    cli_flags.fail(f"unexpected arguments: {' '.join(rest[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   return rest
 
 

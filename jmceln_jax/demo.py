@@ -24,7 +24,7 @@ It listens on localhost only unless --host says otherwise.
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from jmceln_jax import cli
 from jmceln_jax.serving import web
@@ -41,10 +41,7 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs restores at INFO.
+  del argv  # cli.parse_flags refuses positional arguments.
   f = flags.FLAGS
   with cli.user_errors():
     httpd = web.serve(f.workdir, host=f.host, port=f.port)

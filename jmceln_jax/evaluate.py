@@ -26,7 +26,7 @@ to the paper's JMCELN row for the dataset.
 from __future__ import annotations
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from jmceln_jax import cli
@@ -76,11 +76,7 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    # Orbax logs every checkpoint operation at INFO; --verbosity=0 shows it.
-    logging.set_verbosity(logging.WARNING)
+  del argv  # cli.parse_flags refuses positional arguments.
   f = flags.FLAGS
   with cli.user_errors():
     config = f.config

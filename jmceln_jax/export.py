@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from jmceln_jax import cli
 from jmceln_jax.serving import stablehlo
@@ -47,10 +47,7 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs restores at INFO.
+  del argv  # cli.parse_flags refuses positional arguments.
   f = flags.FLAGS
   with cli.user_errors():
     checkpoint = int(f.checkpoint) if f.checkpoint.isdigit() else f.checkpoint

@@ -49,13 +49,11 @@ flags.DEFINE_bool(
   True,
   "Also compile the training step for its memory and FLOPs.",
 )
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if FLAGS.config is None:
-    raise app.UsageError("--config is required, e.g. configs/refcoco.py.")
+  del argv  # cli.parse_flags refuses positional arguments.
   if FLAGS.devices:
     # Before any backend starts: lets a CPU-only machine simulate them.
     jax.config.update("jax_num_cpu_devices", FLAGS.devices)

@@ -21,7 +21,7 @@ Main config fields (override with --config.FIELD=VALUE):
 Variants: --config configs/refcoco.py:wo_pan (see configs/refcoco.py).
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from jmceln_jax import cli
@@ -41,11 +41,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    # Orbax logs every checkpoint operation at INFO; --verbosity=0 shows it.
-    logging.set_verbosity(logging.WARNING)
+  del argv  # cli.parse_flags refuses positional arguments.
   with cli.user_errors():
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

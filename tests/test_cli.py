@@ -38,16 +38,27 @@ REFCOCO = os.path.join(ROOT, "configs", "refcoco.py")
     ),
   ],
 )
-def test_train_config_mistakes(tmp_path, args, message):
-  workdir = tmp_path / "run"
-  run = subprocess.run(
-    [sys.executable, "-m", "jmceln_jax.train", f"--workdir={workdir}", *args],
+def _run(program: str, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "-m", program, *args],
     capture_output=True,
     text=True,
     cwd=ROOT,
     env=dict(os.environ, JAX_PLATFORMS="cpu"),
     timeout=300,
   )
+
+
+def _assert_one_error_line(run: subprocess.CompletedProcess, text: str):
+  assert run.returncode == 1, run.stderr
+  assert run.stderr.startswith("error: ") and text in run.stderr
+  assert run.stderr.rstrip().endswith("Pass --help for usage.")
+  assert "Traceback" not in run.stderr
+
+
+def test_train_config_mistakes(tmp_path, args, message):
+  workdir = tmp_path / "run"
+  run = _run("jmceln_jax.train", f"--workdir={workdir}", *args)
   assert run.returncode == 1
   assert run.stderr.startswith("error: ") and message in run.stderr
   assert "Traceback" not in run.stderr
@@ -86,14 +97,7 @@ PROGRAMS = [
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_help_exits_zero(program):
   """Every command line: absl flags, --help lists them and exits 0."""
-  run = subprocess.run(
-    [sys.executable, "-m", program, "--help"],
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
-    env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    timeout=300,
-  )
+  run = _run(program, "--help")
   assert run.returncode == 0, run.stderr
   assert "absl" not in run.stderr
   assert "  --" in run.stdout and "--helpfull" not in run.stderr
@@ -101,18 +105,34 @@ def test_help_exits_zero(program):
 
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_unknown_flag_is_one_error_line(program):
+  _assert_one_error_line(_run(program, "--nosuch=1"), "nosuch")
+
+
+@pytest.mark.parametrize(
+  "program,args",
+  [
+    ("jmceln_jax.train", [f"--config={TINY}", "--workdir=w", "extra"]),
+    ("jmceln_jax.summary", [f"--config={TINY}", "extra"]),
+    ("jmceln_jax.evaluate", ["--workdir=w", "extra"]),
+    ("jmceln_jax.demo", ["--workdir=w", "extra"]),
+    ("jmceln_jax.export", ["--workdir=w", "--out=o", "extra"]),
+  ],
+)
+def test_positional_argument_is_one_error_line(tmp_path, program, args):
   run = subprocess.run(
-    [sys.executable, "-m", program, "--nosuch=1"],
+    [sys.executable, "-m", program, *args],
     capture_output=True,
     text=True,
-    cwd=ROOT,
-    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    cwd=tmp_path,
+    env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT),
     timeout=300,
   )
-  assert run.returncode == 1, run.stderr
-  assert run.stderr.startswith("error: ") and "nosuch" in run.stderr
-  assert run.stderr.rstrip().endswith("Pass --help for usage.")
-  assert "Traceback" not in run.stderr
+  _assert_one_error_line(run, "unexpected arguments: extra")
+  assert not list(tmp_path.iterdir())  # Nothing created.
+
+
+def test_summary_requires_config():
+  _assert_one_error_line(_run("jmceln_jax.summary"), "--config")
 
 
 @pytest.mark.parametrize(
