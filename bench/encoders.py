@@ -6,7 +6,7 @@ r"""CLIP RN101 encoders: this project's Flax model vs OpenAI's PyTorch code.
 builds OpenAI's CLIP (`clip/model.py` of clip-anytorch, loaded by file path)
 as RN101 with a 416x416 input and a 30-token context, randomises its
 normalisation layers (OpenAI's init zeroes the last BatchNorm of every
-block), converts its state dict with `convert_clip.convert_state_dict` and
+block), converts its state dict with `clip_weights.convert_state_dict` and
 times both implementations with the SAME weights:
 
 - image encoder, OpenAI's original form (trunk + attention pool to one

@@ -11,7 +11,7 @@ config's optimiser, mesh and sharding, donated state) from a random init on a
 random batch of --per_device_batch examples per device, and reports:
 
 - compile time, per-device memory (arguments + outputs + temporaries -
-  aliased) and FLOPs per sample, all from `jmceln_jax.summary.train_step_cost`
+  aliased) and FLOPs per sample, all from `jmceln_jax.costs.train_step_cost`
   (XLA's memory and cost analysis of the compiled step: what
   `python -m jmceln_jax.summary` prints);
 - the first step's time (it runs the executable compiled for the cost
@@ -58,7 +58,7 @@ _TINY = dict(
   warmup=1,
   matmul_size=256,
 )
-# summary.train_step_cost's memory entries -> JSON keys.
+# costs.train_step_cost's memory entries -> JSON keys.
 _MEMORY = {
   "arguments (GiB)": "arguments",
   "outputs (GiB)": "outputs",
