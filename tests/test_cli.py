@@ -16,6 +16,24 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
 REFCOCO = os.path.join(ROOT, "configs", "refcoco.py")
 
 
+def _run(program: str, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "-m", program, *args],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    timeout=300,
+  )
+
+
+def _assert_one_error_line(run: subprocess.CompletedProcess, text: str):
+  assert run.returncode == 1, run.stderr
+  assert run.stderr.startswith("error: ") and text in run.stderr
+  assert run.stderr.rstrip().endswith("Pass --help for usage.")
+  assert "Traceback" not in run.stderr
+
+
 @pytest.mark.parametrize(
   "args,message",
   [
@@ -38,24 +56,6 @@ REFCOCO = os.path.join(ROOT, "configs", "refcoco.py")
     ),
   ],
 )
-def _run(program: str, *args: str) -> subprocess.CompletedProcess:
-  return subprocess.run(
-    [sys.executable, "-m", program, *args],
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
-    env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    timeout=300,
-  )
-
-
-def _assert_one_error_line(run: subprocess.CompletedProcess, text: str):
-  assert run.returncode == 1, run.stderr
-  assert run.stderr.startswith("error: ") and text in run.stderr
-  assert run.stderr.rstrip().endswith("Pass --help for usage.")
-  assert "Traceback" not in run.stderr
-
-
 def test_train_config_mistakes(tmp_path, args, message):
   workdir = tmp_path / "run"
   run = _run("jmceln_jax.train", f"--workdir={workdir}", *args)

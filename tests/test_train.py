@@ -189,11 +189,13 @@ def test_device_count_and_fsdp_do_not_change_training(
 ):
   """Only the floating-point summation order differs between meshes (the
   BatchNorm statistics of a sharded batch are global under jit): the first
-  step's loss and statistics agree to 1e-5, its gradient norm to 3e-5 (XLA's
-  CPU convolutions block their sums by shape, and FSDP's shapes differ).
+  step's loss and statistics agree to 1e-5, its gradient norm to 1e-4 (XLA's
+  CPU convolutions block their sums by shape and by the CPU's vector width,
+  and FSDP's shapes differ: 2 devices were 6.6e-5 off on one 2-core
+  machine, under 3e-5 on another).
   Adam then turns the tiny differences of near-zero gradients into updates
-  of up to +-lr, so later steps agree to 2e-4 and the parameters to
-  2 * lr * steps."""
+  of up to +-lr, so later steps' losses agree to 1e-3 (2.7e-4 seen) and the
+  parameters to 2 * lr * steps."""
   config = tu.make_config(data_dir)
   init = jax.device_get(model_state.initial_state(config, setup))
   batches = tu.train_batches(config, 3)
@@ -218,11 +220,11 @@ def test_device_count_and_fsdp_do_not_change_training(
       assert sum("fsdp" in spec for spec in specs) > 50, name
     close = functools.partial(np.testing.assert_allclose, err_msg=name)
     close(m[0]["loss"], ref_m[0]["loss"], rtol=1e-5)
-    close(m[0]["grad_norm"], ref_m[0]["grad_norm"], rtol=3e-5)
+    close(m[0]["grad_norm"], ref_m[0]["grad_norm"], rtol=1e-4)
     jax.tree.map(
       functools.partial(close, rtol=1e-5, atol=1e-6), stats, ref_stats
     )
-    close([x["loss"] for x in m], [x["loss"] for x in ref_m], rtol=2e-4)
+    close([x["loss"] for x in m], [x["loss"] for x in ref_m], rtol=1e-3)
     jax.tree.map(functools.partial(close, atol=bound), state.params, ref.params)
 
 
